@@ -1,0 +1,1 @@
+"""Image sources: each returns an :class:`harness.types.ImageSet`."""

@@ -1,0 +1,143 @@
+"""Images from disk: image folders and npz arrays, with class names from a text or TSV file."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+from harness.types import HarnessError, ImageSet
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def read_class_names(path: str | Path, column: str | int = 0) -> list[str]:
+    """One name per line (``.txt``) or a column of a TSV with a header (``.tsv``)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise HarnessError(f"class-name file not found: {p}")
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.suffix != ".tsv":
+        return [ln.strip() for ln in lines]
+    header = lines[0].split("\t")
+    if isinstance(column, str):
+        if column not in header:
+            raise HarnessError(f"{p} has no column {column!r}; columns: {', '.join(header)}")
+        column = header.index(column)
+    return [ln.split("\t")[column].split(",")[0].strip() for ln in lines[1:]]
+
+
+def _require(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise HarnessError(f"{what} not found: {p}")
+    return p
+
+
+def image_folder(
+    root: str,
+    classes_file: str | None = None,
+    classes_column: str | int = 0,
+    label_regex: str | None = None,
+    n: int | None = None,
+) -> ImageSet:
+    """Images under ``root`` with labels from sub-folders or from the file names.
+
+    Args:
+        root: folder of images.
+        classes_file: class names in index order (``.txt`` or ``.tsv``). Without it, with
+            sub-folder labels, the sorted sub-folder names are the classes.
+        classes_column: TSV column holding the names.
+        label_regex: a regex whose first group is the integer class index in the file name
+            (e.g. ``_(\\d+)\\.\\w+$``); ``None``: ``root/<class name>/<image>``.
+        n: keep only the first ``n`` images (sorted by path).
+
+    Images that cannot be decoded are skipped and listed in ``ImageSet.skipped``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    base = _require(root, "image folder")
+    files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    names = read_class_names(classes_file, classes_column) if classes_file else None
+    if label_regex is None:
+        if names is None:
+            names = sorted(d.name for d in base.iterdir() if d.is_dir())
+        index = {c: i for i, c in enumerate(names)}
+        files = [f for f in files if f.parent != base]
+    if not files:
+        raise HarnessError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {base}")
+    images, labels, ids, skipped = [], [], [], []
+    for f in files:
+        if n is not None and len(images) >= n:
+            break
+        rel = str(f.relative_to(base))
+        if label_regex is None:
+            label = index.get(f.parent.name)
+            if label is None:
+                skipped.append((rel, f"folder {f.parent.name!r} is not a known class"))
+                continue
+        else:
+            m = re.search(label_regex, f.name)
+            if not m:
+                skipped.append((rel, f"no label in the file name (regex {label_regex!r})"))
+                continue
+            label = int(m.group(1))
+        try:
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            skipped.append((rel, f"unreadable image: {e}"))
+            continue
+        labels.append(label)
+        ids.append(rel)
+    for rel, why in skipped:
+        log.warning("skipped %s: %s", rel, why)
+    if names is None:
+        names = [str(i) for i in range(max(labels) + 1)] if labels else []
+    return ImageSet(images=images, labels=np.array(labels, dtype=np.int64), ids=ids,
+                    class_names=names, skipped=skipped)
+
+
+def npz_images(
+    path: str,
+    classes_file: str | None = None,
+    images_key: str = "images",
+    labels_key: str = "labels",
+    masks_key: str | None = None,
+    start: int = 0,
+    n: int | None = None,
+) -> ImageSet:
+    """Images from an ``.npz``: uint8 ``[N, 3, H, W]`` or ``[N, H, W, 3]`` and int labels.
+
+    Args:
+        path: the ``.npz`` file.
+        classes_file: class names in index order.
+        images_key, labels_key: array names in the file.
+        masks_key: optional boolean ``[N, H, W]`` ground-truth masks.
+        start, n: the slice of images to use.
+    """
+    p = _require(path, "npz file")
+    with np.load(p) as z:
+        missing = [k for k in (images_key, labels_key, masks_key) if k and k not in z.files]
+        if missing:
+            raise HarnessError(f"{p} has no array {missing}; arrays: {', '.join(z.files)}")
+        stop = None if n is None else start + n
+        imgs = z[images_key][start:stop]
+        labels = z[labels_key][start:stop]
+        masks = z[masks_key][start:stop] if masks_key else None
+    if imgs.ndim != 4 or 3 not in (imgs.shape[1], imgs.shape[-1]):
+        raise HarnessError(f"{p}:{images_key} must be [N, 3, H, W] or [N, H, W, 3], got {imgs.shape}")
+    if imgs.shape[-1] != 3:
+        imgs = imgs.transpose(0, 2, 3, 1)
+    if imgs.dtype != np.uint8:
+        imgs = (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8) if imgs.max() <= 1 else imgs.astype(np.uint8)
+    names = read_class_names(classes_file) if classes_file else [str(i) for i in range(int(labels.max()) + 1)]
+    ids = [f"{p.stem}-{start + i:06d}" for i in range(len(imgs))]
+    return ImageSet(
+        images=list(imgs), labels=labels, ids=ids, class_names=names,
+        masks=None if masks is None else [m.astype(bool) for m in masks],
+    )

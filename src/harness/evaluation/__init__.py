@@ -1,0 +1,1 @@
+"""Attribution metrics: ``metric(model, x, attributions, targets, masks) -> MetricOutput``."""

@@ -1,0 +1,1 @@
+"""Classifiers: every builder returns a :class:`harness.models.classifier.Classifier`."""

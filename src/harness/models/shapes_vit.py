@@ -1,0 +1,158 @@
+"""A small timm ViT that the harness trains on its own ``shapes`` data, cached by config hash.
+
+The default experiment needs a classifier that makes real decisions without downloading weights:
+this module trains one on first use (a few minutes on two CPU cores), reports its held-out
+accuracy, and stores it under ``cache_dir/models/<hash>``, where the hash covers every argument
+that changes the weights. Later runs, and every job of a sweep, load it from there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.models.classifier import Classifier
+from harness.utils import config_hash, seed_everything, to_plain
+
+log = logging.getLogger(__name__)
+
+# Bump when the training procedure changes in a way the arguments do not show.
+TRAINING_VERSION = 1
+
+
+def _data(
+    train_data: dict[str, Any], n: int, split: str, seed_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from harness.data.shapes import make_shapes
+
+    kwargs = {k: v for k, v in train_data.items() if k not in ("_target_", "n", "split")}
+    kwargs["seed"] = kwargs.get("seed", 0) + seed_offset
+    s = make_shapes(n=n, split=split, **kwargs)
+    x = torch.from_numpy(np.stack(s.images)).permute(0, 3, 1, 2).float() / 255.0
+    return x, torch.from_numpy(s.labels)
+
+
+def _build(arch: str, model_kwargs: dict[str, Any], num_classes: int) -> Classifier:
+    import timm
+    from hydra.utils import get_class
+
+    kwargs = dict(model_kwargs)
+    if isinstance(kwargs.get("embed_layer"), str):  # dotted class path from the YAML
+        kwargs["embed_layer"] = get_class(kwargs["embed_layer"])
+    net = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    return Classifier(net, input_size=int(model_kwargs.get("img_size", 224)))
+
+
+@torch.no_grad()
+def _accuracy(model: Classifier, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return float((model.predict(x).argmax(1) == y).float().mean())
+
+
+def _train(model: Classifier, cfg: dict[str, Any]) -> dict[str, float]:
+    from tqdm.auto import tqdm
+
+    seed_everything(cfg["seed"])
+    t0 = time.perf_counter()
+    xv, yv = _data(cfg["train_data"], cfg["n_val"], "val")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    steps_per_epoch = -(-cfg["n_train"] // cfg["batch_size"])
+    total = cfg["epochs"] * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=total, pct_start=0.1)
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    bar = tqdm(total=total, desc="training vit_tiny_shapes", disable=None)
+    for epoch in range(cfg["epochs"]):
+        # Fresh images every epoch: the generator is cheap and the model never overfits.
+        x, y = _data(cfg["train_data"], cfg["n_train"], "train", seed_offset=epoch)
+        model.train()
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), cfg["batch_size"]):
+            idx = perm[i : i + cfg["batch_size"]]
+            xb, yb = x[idx], y[idx]
+            if cfg.get("flip", True):  # shapes are symmetric under flips: free augmentation
+                flip = torch.rand(len(xb), generator=gen) < 0.5
+                xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(3), xb)
+            loss = torch.nn.functional.cross_entropy(model(xb), yb, label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+    bar.close()
+    model.eval()
+    return {
+        "val_accuracy": _accuracy(model, xv, yv),
+        "train_accuracy": _accuracy(model, x[:1000], y[:1000]),
+        "train_seconds": time.perf_counter() - t0,
+    }
+
+
+def shapes_vit(
+    cache_dir: str,
+    arch: str = "vit_tiny_patch16_224",
+    model_kwargs: dict[str, Any] | None = None,
+    train_data: dict[str, Any] | None = None,
+    n_train: int = 4000,
+    n_val: int = 1000,
+    epochs: int = 24,
+    batch_size: int = 128,
+    lr: float = 1.5e-3,
+    weight_decay: float = 0.05,
+    seed: int = 0,
+    flip: bool = True,
+    device: str = "cpu",
+) -> Classifier:
+    """Load the ViT trained with these settings from the cache, training it first if needed.
+
+    Args:
+        cache_dir: root of the harness cache; the model lands in ``models/<hash>/`` under it.
+        arch: timm architecture name; built without pretrained weights.
+        model_kwargs: overrides for ``timm.create_model`` (img_size, patch_size, depth, ...).
+        train_data: arguments of :func:`harness.data.shapes.make_shapes` for the training data
+            (``n`` and ``split`` are set here: ``n_train`` from ``train``, ``n_val`` from ``val``).
+        n_train: number of training images, generated afresh for every epoch.
+        n_val: number of held-out images (the ``val`` split, never trained on).
+        epochs, batch_size, lr, weight_decay: AdamW with a one-cycle schedule.
+        seed: seeds initialisation and batch order.
+        flip: random horizontal flips during training.
+        device: where the returned model lives (training runs on it too).
+    """
+    train_data = {k: v for k, v in (to_plain(train_data) or {}).items() if k not in ("_target_", "n", "split")}
+    cfg = to_plain(
+        dict(
+            arch=arch, model_kwargs=model_kwargs or {}, train_data=train_data,
+            n_train=n_train, n_val=n_val, epochs=epochs, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, seed=seed, flip=flip, version=TRAINING_VERSION,
+        )
+    )
+    classes = cfg["train_data"].get("classes", ["circle", "square", "triangle", "cross"])
+    folder = Path(cache_dir) / "models" / f"vit_tiny_shapes-{config_hash(cfg)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    weights, meta_path = folder / "model.pt", folder / "meta.json"
+    # One trainer at a time per config: parallel jobs of a sweep wait for the first one.
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        model = _build(arch, cfg["model_kwargs"], len(classes))
+        if weights.exists() and meta_path.exists():
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            meta = json.loads(meta_path.read_text())
+        else:
+            log.info("training vit_tiny_shapes (first use of this config) into %s", folder)
+            model.to(device)
+            meta = _train(model, cfg)
+            log.info("trained in %.0f s, held-out accuracy %.3f", meta["train_seconds"], meta["val_accuracy"])
+            tmp = folder / "model.pt.tmp"
+            torch.save(model.state_dict(), tmp)
+            os.replace(tmp, weights)
+            meta_path.write_text(json.dumps({**meta, "config": cfg}, indent=2))
+    model.info = {k: float(v) for k, v in meta.items() if isinstance(v, (int, float))}
+    return model.to(device).eval()

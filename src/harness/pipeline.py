@@ -1,0 +1,176 @@
+"""One job: dataset -> classifier -> explainer -> metrics -> MLflow.
+
+``run(cfg)`` is a plain function of the composed config; ``python -m harness`` only calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from harness.types import HarnessError, ImageSet, MetricOutput
+from harness.utils import seed_everything, to_plain
+
+log = logging.getLogger(__name__)
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _hydra_tags() -> dict[str, str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return {}
+    multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    return {
+        "sweep_id": hc.sweep.dir if multirun else hc.run.dir,
+        "hydra_job_num": str(hc.job.num) if multirun else "0",
+        "hydra_overrides": " ".join(hc.overrides.task),
+    }
+
+
+def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
+    if getattr(explainer, "needs_gradients", False) and not any(p.requires_grad for p in model.parameters()):
+        raise HarnessError(f"{type(explainer).__name__} needs gradients, but the model has none "
+                           "(int8 or TorchScript model?); choose a gradient-free xai option")
+
+
+def _aggregate(per_image: dict[str, np.ndarray]) -> dict[str, float]:
+    out = {}
+    for name, v in per_image.items():
+        v = v[np.isfinite(v)]
+        if len(v):
+            out[name] = float(v.mean())
+            out[f"{name}_sem"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    return out
+
+
+def explain(explainer: Any, model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
+            batch_size: int) -> np.ndarray:
+    """Attribution maps ``[N, H, W]`` for ``x``, computed ``batch_size`` images at a time."""
+    from tqdm.auto import tqdm
+
+    maps = []
+    for i in tqdm(range(0, len(x), batch_size), desc=f"explain ({type(explainer).__name__})", disable=None):
+        maps.append(np.asarray(explainer(model, x[i : i + batch_size], targets[i : i + batch_size])))
+    out = np.concatenate(maps) if maps else np.zeros((0, *x.shape[-2:]), np.float32)
+    if out.shape != (len(x), *x.shape[-2:]):
+        raise RuntimeError(f"{type(explainer).__name__} returned maps of shape {out.shape}, "
+                           f"expected {(len(x), *x.shape[-2:])}")
+    return out.astype(np.float32)
+
+
+def evaluate(metrics: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray,
+             targets: torch.Tensor, masks: np.ndarray | None) -> dict[str, MetricOutput]:
+    """Run every metric; a metric that needs masks is skipped (with a warning) when none exist."""
+    out = {}
+    for name, metric in metrics.items():
+        if getattr(metric, "needs_masks", False) and masks is None:
+            log.warning("metric %s needs ground-truth masks and this dataset has none: skipped", name)
+            continue
+        t0 = time.perf_counter()
+        out[name] = metric(model, x, maps, targets, masks)
+        log.info("metric %s took %.1f s", name, time.perf_counter() - t0)
+    return out
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run one job described by ``cfg`` and return its aggregate metrics."""
+    from hydra.utils import instantiate
+
+    from harness.tracking.mlflow_tracker import flatten, git_commit, package_versions
+
+    t_start = time.perf_counter()
+    tracker = instantiate(cfg.tracking)
+    tags = {**_hydra_tags(), **package_versions(), **git_commit(PROJECT_ROOT), "seed": str(cfg.seed)}
+    with tracker.start_run(cfg.run_name, tags=tags) as rec:
+        resolved = to_plain(cfg)
+        rec.params(flatten(resolved))
+        rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        seed_everything(cfg.seed)
+        torch.set_grad_enabled(True)
+
+        data: ImageSet = instantiate(cfg.dataset)
+        if len(data) == 0:
+            raise HarnessError("the dataset yielded no images" +
+                               (f" ({len(data.skipped)} skipped as unreadable)" if data.skipped else ""))
+        model = instantiate(cfg.model)
+        explainer = instantiate(cfg.xai)
+        metrics = {name: instantiate(m) for name, m in (cfg.metrics or {}).items()}
+        _check_capabilities(explainer, model)
+
+        x, masks = model.preprocess(data.images, data.masks)
+        if not data.has_masks:
+            masks = None
+        labels = torch.from_numpy(data.labels)
+        logits = model.predict(x)
+        if logits.shape[1] != len(data.class_names):
+            log.warning("model has %d outputs but the dataset names %d classes",
+                        logits.shape[1], len(data.class_names))
+        preds = logits.argmax(1)
+        if cfg.target not in ("label", "predicted"):
+            raise HarnessError(f"target={cfg.target!r} is not valid; valid: label, predicted")
+        targets = labels if cfg.target == "label" else preds
+
+        t0 = time.perf_counter()
+        maps = explain(explainer, model, x, targets, int(cfg.batch_size))
+        explain_s = time.perf_counter() - t0
+        results = evaluate(metrics, model, x, maps, targets, masks)
+
+        per_image = {k: v for r in results.values() for k, v in r.scores.items()}
+        summary = {
+            "accuracy": float((preds == labels).float().mean()),
+            "n_images": float(len(data)),
+            "n_skipped": float(len(data.skipped)),
+            "explain_seconds_per_image": explain_s / len(data),
+            **{f"model_{k}": v for k, v in model.info.items()},
+            **_aggregate(per_image),
+        }
+        _log_outputs(rec, cfg, data, x, maps, labels, preds, targets, per_image, results)
+        summary["wall_seconds"] = time.perf_counter() - t_start
+        rec.metrics(summary)
+        log.info("run %s: %s", rec.run_id, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+    return summary
+
+
+def _log_outputs(rec, cfg, data: ImageSet, x: torch.Tensor, maps: np.ndarray, labels, preds, targets,
+                 per_image: dict[str, np.ndarray], results: dict[str, MetricOutput]) -> None:
+    import pandas as pd
+
+    from harness.render.overlay import overlay
+
+    names = data.class_names
+    name_of = lambda i: names[i] if 0 <= i < len(names) else str(i)  # noqa: E731
+    table = pd.DataFrame({
+        "image_id": data.ids,
+        "label": labels.numpy(),
+        "label_name": [name_of(int(i)) for i in labels],
+        "prediction": preds.numpy(),
+        "prediction_name": [name_of(int(i)) for i in preds],
+        "target": targets.numpy(),
+        "correct": (preds == labels).numpy(),
+        **per_image,
+    })
+    rec.table(table, "per_image.json")
+    if data.skipped:
+        rec.text("\n".join(f"{i}\t{why}" for i, why in data.skipped), "skipped.tsv")
+    with rec.folder() as tmp:
+        np.savez_compressed(tmp / "attributions.npz", attributions=maps, image_ids=np.array(data.ids),
+                            labels=labels.numpy(), predictions=preds.numpy(), targets=targets.numpy())
+        curves = {f"{k}": v for r in results.values() for k, v in r.curves.items()}
+        curves.update({f"{name}_x": r.curve_x for name, r in results.items() if r.curve_x is not None})
+        if curves:
+            np.savez_compressed(tmp / "curves.npz", **curves)
+    limit = len(data) if cfg.max_overlays is None else min(len(data), int(cfg.max_overlays))
+    if limit:
+        with rec.folder("overlays") as tmp:
+            for i in range(limit):
+                safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in data.ids[i])
+                overlay(x[i].numpy(), maps[i]).save(tmp / f"{i:05d}_{safe}.png")

@@ -1,0 +1,1 @@
+"""Drawing attributions onto images."""

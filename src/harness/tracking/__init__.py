@@ -1,0 +1,1 @@
+"""Where runs go: MLflow, embedded (SQLite under ``mlruns/``) or a tracking server."""

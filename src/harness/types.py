@@ -1,0 +1,58 @@
+"""Plain data passed between pipeline stages, and the project's error type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class HarnessError(Exception):
+    """An error the user can fix (bad config value, missing file or weights).
+
+    The entry point prints its message without a traceback.
+    """
+
+
+@dataclass
+class ImageSet:
+    """Images with labels, as loaded from a dataset, before any model preprocessing.
+
+    ``images`` are uint8 arrays ``[H, W, 3]`` (RGB, sizes may differ); ``masks`` hold a boolean
+    ``[H, W]`` ground-truth object mask per image, or ``None`` where none is known; ``skipped``
+    lists ``(id, reason)`` for inputs that could not be read.
+    """
+
+    images: list[np.ndarray]
+    labels: np.ndarray
+    ids: list[str]
+    class_names: list[str]
+    masks: list[np.ndarray | None] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if not (len(self.images) == len(self.labels) == len(self.ids)):
+            raise ValueError("images, labels and ids must have the same length")
+        if self.masks is not None and len(self.masks) != len(self.images):
+            raise ValueError("masks must have one entry per image")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.masks is not None and any(m is not None for m in self.masks)
+
+
+@dataclass
+class MetricOutput:
+    """What an evaluation metric returns for a batch of images.
+
+    ``scores`` maps score names to per-image arrays ``[N]`` (NaN where undefined); ``curves``
+    maps curve names to per-image arrays ``[N, K]`` sampled at ``curve_x`` (``[K]``).
+    """
+
+    scores: dict[str, np.ndarray]
+    curves: dict[str, np.ndarray] = field(default_factory=dict)
+    curve_x: np.ndarray | None = None

@@ -1,0 +1,1 @@
+"""Explainers: ``explainer(model, inputs, targets) -> np.ndarray [N, H, W]``."""

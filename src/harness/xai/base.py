@@ -1,0 +1,51 @@
+"""The explainer interface shared by every XAI method.
+
+An explainer is built from its YAML (hyper-parameters go to the constructor) and called on data:
+``explainer(model, inputs, targets) -> np.ndarray`` of shape ``[N, H, W]``, the ``explain_func``
+signature Quantus expects, so every metric can re-explain perturbed inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def as_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+
+class Explainer:
+    """Base class: subclasses implement :meth:`explain` on tensors.
+
+    Capability metadata, checked before a job starts:
+        needs_gradients: the model must be differentiable (no int8 / TorchScript-only models).
+        needs_attention: the model must be a ViT whose attention can be read.
+        patches_model: the method changes the model while it runs (and must undo it).
+    """
+
+    needs_gradients: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
+    patches_model: ClassVar[bool] = False
+
+    def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, inputs: Any, targets: Any, **_: Any) -> np.ndarray:
+        dev = next((b.device for b in model.buffers()), None) or next(model.parameters()).device
+        x = as_tensor(inputs, dev, torch.float32)
+        t = as_tensor(targets, dev, torch.long).reshape(-1)
+        if x.ndim != 4 or len(t) != len(x):
+            raise ValueError(f"expected inputs [N, C, H, W] and N targets, got {tuple(x.shape)} and {len(t)}")
+        out = self.explain(model, x, t)
+        if out.ndim == 4:
+            out = out.sum(1)
+        return out.detach().float().cpu().numpy()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({args})"
