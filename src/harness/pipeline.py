@@ -95,7 +95,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         rec.params(flatten(resolved))
         rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         seed_everything(cfg.seed)
-        torch.set_grad_enabled(True)
 
         data: ImageSet = instantiate(cfg.dataset)
         if len(data) == 0:

@@ -18,6 +18,8 @@ from harness.types import HarnessError, ImageSet
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 BACKGROUNDS = ("noise", "texture", "mixed", "flat")
 SPLITS = ("train", "val", "test")
+# Bump when the same arguments start to give other pixels (trained-model caches key on it).
+GENERATOR_VERSION = 2
 # One colour per class for the spurious mark (RGB, 0..1), chosen to be mutually distinct.
 _MARK_COLOURS = np.array(
     [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1]], dtype=np.float32
@@ -87,7 +89,7 @@ def make_shapes(
     split: str = "test",
     background: str = "mixed",
     noise: float = 0.03,
-    scale: tuple[float, float] = (0.3, 0.45),
+    scale: tuple[float, float] = (0.28, 0.42),
     min_contrast: float = 0.4,
     spurious_prob: float = 0.0,
     spurious_size: int = 3,
@@ -124,8 +126,10 @@ def make_shapes(
     for _ in range(n):
         label = int(rng.integers(len(classes)))
         img = _background(rng, image_size, background, noise)
-        r = rng.uniform(*scale) * image_size
-        margin = r + 1
+        # 1.15 r is the farthest any shape reaches from its centre (a rotated square's corner):
+        # keep every shape whole inside the image.
+        r = min(rng.uniform(*scale) * image_size, image_size / 2 / 1.15)
+        margin = 1.15 * r
         cx, cy = rng.uniform(margin, image_size - margin, size=2)
         mask = shape_mask(classes[label], image_size, cx, cy, r, rng.uniform(0, 2 * np.pi))
         img[mask] = _colour_far_from(rng, img[~mask].mean(0), min_contrast)

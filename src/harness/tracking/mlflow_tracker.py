@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000
@@ -159,3 +161,16 @@ def git_commit(path: str | os.PathLike) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git_commit": sha, "git_dirty": str(bool(dirty))} if sha else {}
+
+
+class PrepareStore(Callback):
+    """Hydra callback: create the tracking store and experiment once, before a sweep's jobs start.
+
+    Parallel launchers (joblib) start several jobs at once; two processes creating a fresh
+    SQLite store race ("table already exists"), so the sweep's parent process does it first.
+    """
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        from hydra.utils import instantiate
+
+        instantiate(config.tracking).experiment_id()

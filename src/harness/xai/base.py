@@ -19,6 +19,15 @@ def as_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) ->
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
 
 
+def model_device(model: nn.Module | None) -> torch.device:
+    """The device of a model's first buffer or parameter (CPU for none)."""
+    if model is None:
+        return torch.device("cpu")
+    for t in (*model.buffers(), *model.parameters()):
+        return t.device
+    return torch.device("cpu")
+
+
 class Explainer:
     """Base class: subclasses implement :meth:`explain` on tensors.
 
@@ -36,7 +45,7 @@ class Explainer:
         raise NotImplementedError
 
     def __call__(self, model: nn.Module, inputs: Any, targets: Any, **_: Any) -> np.ndarray:
-        dev = next((b.device for b in model.buffers()), None) or next(model.parameters()).device
+        dev = model_device(model)
         x = as_tensor(inputs, dev, torch.float32)
         t = as_tensor(targets, dev, torch.long).reshape(-1)
         if x.ndim != 4 or len(t) != len(x):

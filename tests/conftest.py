@@ -1,0 +1,52 @@
+"""Shared fixtures: composed configs, the trained shapes ViT (trained once per session), paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf, open_dict
+
+from harness import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("HARNESS_SHARED_DATA", ROOT.parent / "shared" / "data"))
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir(), reason=f"real test data not found at {SHARED} (set HARNESS_SHARED_DATA)"
+)
+
+
+def make_cfg(overrides: list[str] = ()):
+    """Compose ``conf/`` as ``python -m harness`` would, with ``${hydra:...}`` resolvable."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A fresh cache for the session: the shapes ViT is trained here once, from scratch."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def trained_vit(cache_dir):
+    from hydra.utils import instantiate
+
+    return instantiate(make_cfg([f"paths.cache_dir={cache_dir}"]).model)
+
+
+def run_harness(*args: str, env: dict[str, str] | None = None, timeout: int = 600):
+    """``python -m harness ARGS`` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT, timeout=timeout)

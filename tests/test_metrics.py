@@ -1,0 +1,115 @@
+"""SRG and the pointing game on inputs whose answer is known by hand."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from harness.evaluation.pointing_game import PointingGame
+from harness.evaluation.srg import SRG
+from harness.models.classifier import Classifier
+from harness.types import HarnessError
+
+
+class Linear(nn.Module):
+    """logit_c = sum(w_c * x): removing a pixel (setting it to 0) lowers logit_c by w_c * x."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        return torch.einsum("nchw,kchw->nk", x, self.w.to(x.dtype))
+
+
+def linear_model(seed=0, size=8, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(classes, 3, size, size, generator=g)
+    return Classifier(Linear(w), input_size=size, mean=(0, 0, 0), std=(1, 1, 1)).eval()
+
+
+def contributions(model, x, targets):
+    return (x * model.net.w[targets]).sum(1).detach()  # [N, H, W], the exact attribution
+
+
+def test_srg_curve_values_by_hand():
+    model = linear_model(size=4)
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([2])
+    a = contributions(model, x, t)
+    patch = a.reshape(2, 2, 2, 2).permute(0, 2, 1, 3).reshape(4, 4).sum(1)  # 4 patches of 2x2
+    srg = SRG(patch_size=2, steps=None, replacement=0.0)
+    morf, lerf, frac = srg.curves(model, x, a[:, :, :], t)
+    full = float(model(x).detach()[0, 2])
+    desc, asc = torch.sort(patch, descending=True).values, torch.sort(patch).values
+    exp_morf = [full - float(desc[:k].sum()) for k in range(5)]
+    exp_lerf = [full - float(asc[:k].sum()) for k in range(5)]
+    np.testing.assert_allclose(frac, [0, 0.25, 0.5, 0.75, 1])
+    np.testing.assert_allclose(morf[0], exp_morf, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lerf[0], exp_lerf, rtol=1e-5, atol=1e-5)
+    score = srg(model, x, a.numpy(), t).scores["srg"][0]
+    assert score == pytest.approx(np.trapezoid(exp_lerf, frac) - np.trapezoid(exp_morf, frac), abs=1e-4)
+
+
+def test_srg_ranks_perfect_over_random_over_inverted_and_constant_is_zero():
+    model = linear_model()
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = torch.arange(16) % 3
+    a = contributions(model, x, t).numpy()
+    srg = SRG(patch_size=2, steps=8, replacement="model_mean")
+    perfect = srg(model, x, a, t).scores["srg"]
+    inverted = srg(model, x, -a, t).scores["srg"]
+    rnd = srg(model, x, np.random.default_rng(0).random(a.shape), t).scores["srg"]
+    const = srg(model, x, np.ones_like(a), t).scores["srg"]
+    assert (perfect > 0).all()
+    np.testing.assert_allclose(inverted, -perfect, rtol=1e-6)
+    assert perfect.mean() > rnd.mean() + 3 * rnd.std() / 4
+    np.testing.assert_array_equal(const, 0.0)
+
+
+def test_srg_batch_equals_single_images_and_softmax_variant():
+    model = linear_model()
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([0, 1, 2, 0, 1])
+    a = contributions(model, x, t).numpy()
+    srg = SRG(patch_size=4, steps=None, batch_size=7)  # odd batch size: chunks split the jobs
+    batch = srg(model, x, a, t).scores["srg"]
+    single = [srg(model, x[i : i + 1], a[i : i + 1], t[i : i + 1]).scores["srg"][0] for i in range(5)]
+    np.testing.assert_allclose(batch, single, rtol=1e-6)
+    soft = SRG(patch_size=4, output="softmax")(model, x, a, t).curves["srg_morf"]
+    assert ((soft >= 0) & (soft <= 1)).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"replacement": "blur"}, "model_mean, mean"), ({"output": "prob"}, "logit, softmax")])
+def test_srg_bad_config_names_valid_values(kwargs, message):
+    with pytest.raises(HarnessError, match=message):
+        SRG(**kwargs)
+
+
+def test_srg_patch_size_must_divide_input():
+    model = linear_model(size=8)
+    x = torch.rand(1, 3, 8, 8)
+    with pytest.raises(HarnessError, match="does not divide"):
+        SRG(patch_size=3)(model, x, np.ones((1, 8, 8)), torch.tensor([0]))
+
+
+def test_pointing_game_known_answers():
+    masks = np.zeros((4, 6, 6), bool)
+    masks[:, 1:3, 1:3] = True
+    a = np.zeros((4, 6, 6))
+    a[0, 2, 2] = 1  # on the object
+    a[1, 5, 5] = 1  # far off
+    a[2, 3, 3] = 1  # one pixel off the object's corner (diagonal)
+    # a[3] constant: every pixel ties, the score is the object's share of the image
+    s = PointingGame(tolerance=0)(None, None, a, None, masks).scores["pointing_game"]
+    np.testing.assert_allclose(s, [1, 0, 0, 4 / 36])
+    s1 = PointingGame(tolerance=1)(None, None, a[:3], None, masks[:3]).scores["pointing_game"]
+    np.testing.assert_allclose(s1, [1, 0, 0])  # a disk of radius 1 does not reach the diagonal
+    s2 = PointingGame(tolerance=2)(None, None, a[:3], None, masks[:3]).scores["pointing_game"]
+    np.testing.assert_allclose(s2, [1, 0, 1])
+
+
+def test_pointing_game_without_mask_is_nan():
+    s = PointingGame()(None, None, np.ones((2, 4, 4)), None, [None, np.zeros((4, 4), bool)])
+    assert np.isnan(s.scores["pointing_game"]).all()

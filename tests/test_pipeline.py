@@ -1,0 +1,67 @@
+"""A real Hydra multirun in a subprocess, into a temporary MLflow store."""
+
+import json
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from conftest import run_harness
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir, trained_vit):
+    tmp = tmp_path_factory.mktemp("sweep")
+    r = run_harness("-m", "xai=random,ig", "dataset.n=6", "experiment_name=sweep-test",
+                    f"paths.cache_dir={cache_dir}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                    f"tracking.artifact_location={tmp}/artifacts", f"hydra.sweep.dir={tmp}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name("sweep-test")
+    runs = client.search_runs([exp.experiment_id])
+    return client, {run.data.params["xai._target_"].rsplit(".", 1)[1]: run for run in runs}
+
+
+def test_two_jobs_two_finished_runs(sweep):
+    _, runs = sweep
+    assert sorted(runs) == ["IntegratedGradients", "RandomExplainer"]
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert len({r.data.tags["sweep_id"] for r in runs.values()}) == 1
+
+
+def test_params_metrics_tags(sweep):
+    _, runs = sweep
+    for run in runs.values():
+        p, m, t = run.data.params, run.data.metrics, run.data.tags
+        assert p["dataset.n"] == "6" and p["model.arch"] == "vit_tiny_patch16_224" and p["seed"] == "0"
+        for key in ("accuracy", "srg", "srg_sem", "pointing_game", "model_val_accuracy", "wall_seconds"):
+            assert np.isfinite(m[key]), key
+        assert m["n_images"] == 6 and m["model_val_accuracy"] >= 0.9
+        assert t["seed"] == "0" and t["version.torch"] and t["version.mlflow"]
+        assert len(t["git_commit"]) == 40
+    assert runs["IntegratedGradients"].data.params["xai.n_steps"] == "32"
+
+
+def test_artifacts(sweep, tmp_path):
+    client, runs = sweep
+    for run in runs.values():
+        rid = run.info.run_id
+        files = {f.path for f in client.list_artifacts(rid)}
+        assert {"attributions.npz", "curves.npz", "config.yaml", "per_image.json", "overlays"} <= files
+        assert len(client.list_artifacts(rid, "overlays")) == 6
+        z = np.load(client.download_artifacts(rid, "attributions.npz", str(tmp_path)))
+        assert z["attributions"].shape == (6, 32, 32) and np.isfinite(z["attributions"]).all()
+        table = json.load(open(client.download_artifacts(rid, "per_image.json", str(tmp_path))))
+        assert len(table["data"]) == 6 and "srg" in table["columns"] and "pointing_game" in table["columns"]
+        col = table["columns"].index("srg")
+        mean = np.mean([row[col] for row in table["data"]])
+        assert mean == pytest.approx(run.data.metrics["srg"], rel=1e-6)  # the table backs the metric
+
+
+def test_failing_job_is_recorded_and_explained(tmp_path):
+    r = run_harness("dataset=npz", f"dataset.path={tmp_path}/missing.npz",
+                    f"tracking.uri=sqlite:///{tmp_path}/m.db", f"tracking.artifact_location={tmp_path}/a",
+                    f"hydra.run.dir={tmp_path}/out")
+    assert r.returncode == 1 and "npz file not found" in r.stderr and "Traceback" not in r.stderr
+    (run,) = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(["1"])
+    assert run.info.status == "FAILED" and "npz file not found" in run.data.tags["error"]
