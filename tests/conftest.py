@@ -34,8 +34,12 @@ def make_cfg(overrides: list[str] = ()):
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """A fresh cache for the session: the shapes ViT is trained here once, from scratch."""
-    return tmp_path_factory.mktemp("cache")
+    """A fresh cache for the session: the shapes ViT is trained here once, from scratch.
+
+    ``HARNESS_TEST_CACHE=/some/dir`` reuses a cache across sessions (a shortcut while developing).
+    """
+    reuse = os.environ.get("HARNESS_TEST_CACHE")
+    return Path(reuse) if reuse else tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture(scope="session")
