@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.types import HarnessError, MetricOutput
+from harness.xai.base import check_fill, fill_like
 
 
 def patch_relevance(attributions: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -64,26 +65,11 @@ class SRG:
     ) -> None:
         if output not in ("logit", "softmax"):
             raise HarnessError(f"metrics.srg.output={output!r} is not valid; valid: logit, softmax")
-        if isinstance(replacement, str) and replacement not in ("model_mean", "mean"):
-            raise HarnessError(
-                f"metrics.srg.replacement={replacement!r} is not valid: model_mean, mean, or a "
-                "number in [0, 1]"
-            )
         self.patch_size = int(patch_size)
         self.steps = steps
-        self.replacement = replacement
+        self.replacement = check_fill(replacement, "metrics.srg.replacement")
         self.output = output
         self.batch_size = int(batch_size)
-
-    def _fill(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.replacement == "model_mean":
-            mean = getattr(model, "mean", None)
-            if mean is None:
-                raise HarnessError("metrics.srg.replacement=model_mean needs a harness Classifier")
-            return mean.to(x).expand_as(x)
-        if self.replacement == "mean":
-            return x.mean(dim=(2, 3), keepdim=True).expand_as(x)
-        return torch.full_like(x, float(self.replacement))
 
     @torch.no_grad()
     def curves(
@@ -98,7 +84,7 @@ class SRG:
         # rank[i, j] = position of patch j in the image's MoRF order (stable: ties keep index order)
         morf_rank = torch.argsort(torch.argsort(-rel, dim=1, stable=True), dim=1)
         lerf_rank = torch.argsort(torch.argsort(rel, dim=1, stable=True), dim=1)
-        fill = self._fill(model, x)
+        fill = fill_like(model, x, self.replacement, "metrics.srg.replacement")
         gh, gw = h // self.patch_size, w // self.patch_size
         # Steps 0 and k are the same image for both orders: compute them once.
         jobs = [(0, s) for s in range(k + 1)] + [(1, s) for s in range(1, k)]

@@ -87,7 +87,7 @@ def timm_model(
         kwargs["num_classes"] = num_classes
     if cache_dir:
         kwargs["cache_dir"] = cache_dir
-    if name not in timm.list_models() and not timm.is_model(name):
+    if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise HarnessError(f"timm has no model {name!r}; similar names: {', '.join(close) or 'none'}")
     use_hub = pretrained and not checkpoint

@@ -13,10 +13,35 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.types import HarnessError
+
 
 def as_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+
+def check_fill(value: float | str, what: str) -> float | str:
+    """Validate a fill value (see :func:`fill_like`) when a component is built, not mid-run."""
+    if isinstance(value, str):
+        if value not in ("model_mean", "mean"):
+            raise HarnessError(f"{what}={value!r} is not valid: model_mean, mean, or a number in [0, 1]")
+        return value
+    return float(value)
+
+
+def fill_like(model: nn.Module | None, x: torch.Tensor, value: float | str, what: str) -> torch.Tensor:
+    """A reference image like ``x``: ``"model_mean"`` (the model's normalisation mean, i.e. zero
+    in the network's input space), ``"mean"`` (each image's per-channel mean) or a constant."""
+    value = check_fill(value, what)
+    if value == "model_mean":
+        mean = getattr(model, "mean", None)
+        if not isinstance(mean, torch.Tensor):
+            raise HarnessError(f"{what}=model_mean needs a harness Classifier (it has the mean)")
+        return mean.to(x).expand_as(x).contiguous()
+    if value == "mean":
+        return x.mean(dim=(2, 3), keepdim=True).expand_as(x).contiguous()
+    return torch.full_like(x, value)
 
 
 def model_device(model: nn.Module | None) -> torch.device:
