@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+# Tests are offline: the hub client reads this once, at import, so set it before anything loads it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import subprocess
 import sys
 from pathlib import Path

@@ -65,3 +65,10 @@ def test_failing_job_is_recorded_and_explained(tmp_path):
     assert r.returncode == 1 and "npz file not found" in r.stderr and "Traceback" not in r.stderr
     (run,) = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(["1"])
     assert run.info.status == "FAILED" and "npz file not found" in run.data.tags["error"]
+
+
+def test_method_the_model_cannot_serve_is_refused_before_work(tmp_path):
+    r = run_harness("model=timm", "model.name=resnet18", "model.num_classes=4", "xai=rollout",
+                    "dataset.n=2", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                    f"tracking.artifact_location={tmp_path}/a", f"hydra.run.dir={tmp_path}/out")
+    assert r.returncode == 1 and "reads a ViT's attention" in r.stderr and "Traceback" not in r.stderr

@@ -13,6 +13,8 @@ from harness import CONF_DIR
 from harness.pipeline import evaluate, explain
 
 METHODS = sorted(p.stem for p in (CONF_DIR / "xai").glob("*.yaml") if p.stem != "random")
+# Fewer perturbation samples than the defaults keep the suite fast; they still must beat random.
+FAST = {"lime": ["xai.num_samples=150"], "kernelshap": ["xai.n_samples=150"]}
 
 
 def test_trained_vit_accuracy_and_cache(trained_vit, cache_dir):
@@ -39,7 +41,7 @@ def scores(trained_vit):
 
     @functools.cache
     def of(method: str) -> dict[str, np.ndarray]:
-        maps = explain(instantiate(make_cfg([f"xai={method}"]).xai), trained_vit, x, y, 64)
+        maps = explain(instantiate(make_cfg([f"xai={method}", *FAST.get(method, [])]).xai), trained_vit, x, y, 64)
         return {k: v for r in evaluate(metrics, trained_vit, x, maps, y, masks).values()
                 for k, v in r.scores.items()}
 

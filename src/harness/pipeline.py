@@ -37,9 +37,16 @@ def _hydra_tags() -> dict[str, str]:
 
 
 def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
+    """Refuse a method the model cannot serve before any work is done."""
+    from harness.xai.gradcam import is_vit
+
+    name = type(explainer).__name__
     if getattr(explainer, "needs_gradients", False) and not any(p.requires_grad for p in model.parameters()):
-        raise HarnessError(f"{type(explainer).__name__} needs gradients, but the model has none "
+        raise HarnessError(f"{name} needs gradients, but the model has none "
                            "(int8 or TorchScript model?); choose a gradient-free xai option")
+    if getattr(explainer, "needs_attention", False) and not is_vit(model):
+        raise HarnessError(f"{name} reads a ViT's attention; this model is not a timm ViT "
+                           "(for CNNs: gradcam, ig, saliency, ixg, smoothgrad, occlusion, lime, kernelshap)")
 
 
 def _aggregate(per_image: dict[str, np.ndarray]) -> dict[str, float]:
