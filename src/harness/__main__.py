@@ -1,6 +1,5 @@
 """``python -m harness``: the Hydra entry point; the job itself is :func:`harness.pipeline.run`."""
 
-import logging
 import sys
 
 import hydra
@@ -8,8 +7,6 @@ from omegaconf import DictConfig
 
 from harness import CONF_DIR
 from harness.types import HarnessError
-
-log = logging.getLogger("harness")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -21,7 +18,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except HarnessError as e:
-        log.error("%s", e)
+        print(f"harness: error: {e}", file=sys.stderr)  # the run itself records it as FAILED
         if str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
             sys.exit(1)  # single run: a clean message and a non-zero exit, no traceback
 

@@ -36,9 +36,23 @@ def _hydra_tags() -> dict[str, str]:
     }
 
 
+def build(node: Any) -> Any:
+    """``hydra.utils.instantiate``, but a :class:`HarnessError` raised by the component comes
+    out as itself (Hydra wraps it), so the user sees its message alone."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, HarnessError):
+            raise e.__cause__ from None
+        raise
+
+
 def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
     """Refuse a method the model cannot serve before any work is done."""
-    from harness.xai.gradcam import is_vit
+    from harness.xai.base import is_vit
 
     name = type(explainer).__name__
     if getattr(explainer, "needs_gradients", False) and not any(p.requires_grad for p in model.parameters()):
@@ -90,26 +104,25 @@ def evaluate(metrics: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, m
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Run one job described by ``cfg`` and return its aggregate metrics."""
-    from hydra.utils import instantiate
-
     from harness.tracking.mlflow_tracker import flatten, git_commit, package_versions
 
     t_start = time.perf_counter()
-    tracker = instantiate(cfg.tracking)
+    if cfg.target not in ("label", "predicted"):
+        raise HarnessError(f"target={cfg.target!r} is not valid; valid: label, predicted")
+    tracker = build(cfg.tracking)
     tags = {**_hydra_tags(), **package_versions(), **git_commit(PROJECT_ROOT), "seed": str(cfg.seed)}
     with tracker.start_run(cfg.run_name, tags=tags) as rec:
-        resolved = to_plain(cfg)
-        rec.params(flatten(resolved))
+        rec.params(flatten(to_plain(cfg)))
         rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         seed_everything(cfg.seed)
 
-        data: ImageSet = instantiate(cfg.dataset)
+        data: ImageSet = build(cfg.dataset)
         if len(data) == 0:
             raise HarnessError("the dataset yielded no images" +
                                (f" ({len(data.skipped)} skipped as unreadable)" if data.skipped else ""))
-        model = instantiate(cfg.model)
-        explainer = instantiate(cfg.xai)
-        metrics = {name: instantiate(m) for name, m in (cfg.metrics or {}).items()}
+        model = build(cfg.model)
+        explainer = build(cfg.xai)
+        metrics = {name: build(m) for name, m in (cfg.metrics or {}).items()}
         _check_capabilities(explainer, model)
 
         x, masks = model.preprocess(data.images, data.masks)
@@ -121,8 +134,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
             log.warning("model has %d outputs but the dataset names %d classes",
                         logits.shape[1], len(data.class_names))
         preds = logits.argmax(1)
-        if cfg.target not in ("label", "predicted"):
-            raise HarnessError(f"target={cfg.target!r} is not valid; valid: label, predicted")
         targets = labels if cfg.target == "label" else preds
 
         t0 = time.perf_counter()
@@ -170,7 +181,7 @@ def _log_outputs(rec, cfg, data: ImageSet, x: torch.Tensor, maps: np.ndarray, la
     with rec.folder() as tmp:
         np.savez_compressed(tmp / "attributions.npz", attributions=maps, image_ids=np.array(data.ids),
                             labels=labels.numpy(), predictions=preds.numpy(), targets=targets.numpy())
-        curves = {f"{k}": v for r in results.values() for k, v in r.curves.items()}
+        curves = {k: v for r in results.values() for k, v in r.curves.items()}
         curves.update({f"{name}_x": r.curve_x for name, r in results.items() if r.curve_x is not None})
         if curves:
             np.savez_compressed(tmp / "curves.npz", **curves)

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer
-from harness.xai.gradcam import _net, is_vit
+from harness.xai.base import Explainer, is_vit, network
 
 CNN_METHODS = "gradcam, ig, saliency, ixg, smoothgrad, occlusion"
 
@@ -29,10 +28,10 @@ def _attention_modules(model: nn.Module, method: str) -> list[nn.Module]:
     if not is_vit(model):
         raise HarnessError(
             f"{method} reads transformer attention and needs a timm ViT; "
-            f"{type(_net(model)).__name__} is not one (methods that work on CNNs: {CNN_METHODS})")
+            f"{type(network(model)).__name__} is not one (methods that work on CNNs: {CNN_METHODS})")
     from timm.layers import Attention  # timm is only needed for ViTs
 
-    net = _net(model)
+    net = network(model)
     if getattr(net, "cls_token", None) is None:
         raise HarnessError(f"{method} reads the class-token row of the attention; this ViT has no class token")
     mods = [getattr(blk, "attn", None) for blk in net.blocks]
@@ -78,7 +77,7 @@ def _check_start(start_layer: int, depth: int, method: str) -> None:
 
 def _cls_map(model: nn.Module, rel: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Class-token row of ``rel`` [N, T, T] over patch tokens, on the patch grid, upsampled to ``x``."""
-    net = _net(model)
+    net = network(model)
     prefix = getattr(net, "num_prefix_tokens", 1)
     gh, gw = net.patch_embed.grid_size
     row = rel[:, 0, prefix:]

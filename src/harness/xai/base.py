@@ -44,6 +44,17 @@ def fill_like(model: nn.Module | None, x: torch.Tensor, value: float | str, what
     return torch.full_like(x, value)
 
 
+def network(model: nn.Module) -> nn.Module:
+    """The network inside a harness Classifier (or the model itself)."""
+    return getattr(model, "net", model)
+
+
+def is_vit(model: nn.Module) -> bool:
+    """A timm-style vision transformer: transformer ``blocks`` over a ``patch_embed`` grid."""
+    net = network(model)
+    return hasattr(net, "blocks") and hasattr(net, "patch_embed")
+
+
 def model_device(model: nn.Module | None) -> torch.device:
     """The device of a model's first buffer or parameter (CPU for none)."""
     if model is None:

@@ -10,16 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer
-
-
-def _net(model: nn.Module) -> nn.Module:
-    return getattr(model, "net", model)  # a harness Classifier wraps the network
-
-
-def is_vit(model: nn.Module) -> bool:
-    net = _net(model)
-    return hasattr(net, "blocks") and hasattr(net, "patch_embed")
+from harness.xai.base import Explainer, is_vit, network
 
 
 @contextmanager
@@ -40,7 +31,7 @@ def capture(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 def last_conv_stage(model: nn.Module, x: torch.Tensor) -> str:
     """Name of the last module whose output is a spatial feature map ``[N, C, H, W]`` (H, W > 1)."""
-    net = _net(model)
+    net = network(model)
     found: list[str] = []
     handles = []
     for name, m in net.named_modules():
@@ -85,7 +76,7 @@ class GradCAM(Explainer):
         self.relu = bool(relu)
 
     def _module(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
-        net = _net(model)
+        net = network(model)
         name = self.layer
         if name == "auto":
             # In a class-token ViT the last block's patch outputs never reach the head (zero
@@ -103,7 +94,7 @@ class GradCAM(Explainer):
             act = store["act"]
             (grad,) = torch.autograd.grad(out.gather(1, targets[:, None]).sum(), act)
         if act.ndim == 3:  # ViT tokens [N, T, D] -> [N, D, gh, gw]
-            net = _net(model)
+            net = network(model)
             prefix = getattr(net, "num_prefix_tokens", 1)
             gh, gw = net.patch_embed.grid_size
             act, grad = (t[:, prefix:].transpose(1, 2).reshape(len(x), -1, gh, gw) for t in (act, grad))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer, fill_like
+from harness.xai.base import Explainer, check_fill, fill_like
 from harness.xai.superpixels import segment
 
 
@@ -50,7 +50,7 @@ class Lime(Explainer):
         self.n_segments = int(n_segments)
         self.patch = int(patch)
         self.kernel_width = float(kernel_width)
-        self.hide = hide
+        self.hide = hide if hide == "superpixel_mean" else check_fill(hide, "xai.hide")
         self.output = output
         self.batch_size = int(batch_size)
         self.seed = int(seed)
