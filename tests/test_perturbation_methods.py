@@ -79,3 +79,16 @@ def test_lime_recovers_a_linear_model_ranking_and_top_k_mask():
     assert np.corrcoef(weights, true)[0, 1] > 0.99
     top = top_k_mask(a, segs, k=1, positive_only=False)
     assert top[segs == int(np.argmax(true))].all() and top.sum() == 256
+
+
+def test_partition_shap_is_efficient_and_accepts_shap_maskers():
+    from harness.xai.partition_shap import PartitionShap
+
+    model = Classifier(CellGame(), input_size=32, mean=(0.5, 0.5, 0.5), std=(1, 1, 1)).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    a = PartitionShap(max_evals=200)(model, x, [0, 1])
+    with torch.no_grad():
+        gap = (model(x) - model(torch.full_like(x, 0.5))).gather(1, torch.tensor([[0], [1]]))[:, 0]
+    np.testing.assert_allclose(a.sum((1, 2)), gap.numpy(), rtol=1e-4, atol=1e-5)  # Owen values add up
+    blurred = PartitionShap(max_evals=100, masker="blur(8,8)")(model, x[:1], [0])
+    assert blurred.shape == (1, 32, 32) and np.isfinite(blurred).all()

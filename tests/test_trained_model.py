@@ -14,7 +14,8 @@ from harness.pipeline import evaluate, explain
 
 METHODS = sorted(p.stem for p in (CONF_DIR / "xai").glob("*.yaml") if p.stem != "random")
 # Fewer perturbation samples than the defaults keep the suite fast; they still must beat random.
-FAST = {"lime": ["xai.num_samples=150"], "kernelshap": ["xai.n_samples=150"]}
+FAST = {"lime": ["xai.num_samples=150"], "kernelshap": ["xai.n_samples=150"],
+        "partition_shap": ["xai.max_evals=150"]}
 
 
 def test_trained_vit_accuracy_and_cache(trained_vit, cache_dir):
