@@ -7,6 +7,7 @@ signature Quantus expects, so every metric can re-explain perturbed inputs.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, ClassVar
 
 import numpy as np
@@ -19,6 +20,13 @@ from harness.types import HarnessError
 def as_tensor(x: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
     return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+
+def image_seed(seed: int, image: torch.Tensor | np.ndarray) -> int:
+    """A seed from ``seed`` and an image's bytes: seeded methods give each image the same draws
+    whatever batch it is explained in."""
+    data = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    return (int(seed) ^ zlib.crc32(np.ascontiguousarray(data).tobytes())) % 2**31
 
 
 def check_fill(value: float | str, what: str) -> float | str:

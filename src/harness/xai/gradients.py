@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import zlib
 
 import torch
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer, check_fill, fill_like
+from harness.xai.base import Explainer, check_fill, fill_like, image_seed
 
 
 def target_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -105,7 +104,7 @@ class SmoothGrad(Explainer):
         """[S, N, C, H, W] noise; each image's noise is seeded by its content, not its batch."""
         out = []
         for img in x.detach().cpu():
-            g = torch.Generator().manual_seed(self.seed ^ zlib.crc32(img.numpy().tobytes()))
+            g = torch.Generator().manual_seed(image_seed(self.seed, img))
             out.append(torch.randn((self.n_samples, *img.shape), generator=g))
         sigma = self.noise_level * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3))).clamp_min(1e-6)
         return torch.stack(out, 1).to(x) * sigma.view(1, -1, 1, 1, 1)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import zlib
 
 import numpy as np
 import torch
 from torch import nn
 
-from harness.xai.base import Explainer, check_fill, fill_like
+from harness.xai.base import Explainer, check_fill, fill_like, image_seed
 from harness.xai.superpixels import segment
 
 
@@ -95,7 +94,7 @@ class KernelShap(Explainer):
         maps = []
         for i, target in enumerate(targets.tolist()):
             img = x[i].permute(1, 2, 0).cpu().numpy().astype(np.float32)
-            seed = (self.seed ^ zlib.crc32(img.tobytes())) % 2**31
+            seed = image_seed(self.seed, img)
             segs = segment(img, self.segmentation, n_segments=self.n_segments, patch=self.patch, seed=seed)
             m = int(segs.max()) + 1
             z, w = coalitions(m, self.n_samples, np.random.default_rng(seed))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from unittest import mock
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer, check_fill, fill_like
+from harness.xai.base import Explainer, check_fill, fill_like, image_seed
 from harness.xai.superpixels import segment
 
 
@@ -56,13 +55,10 @@ class Lime(Explainer):
         self.seed = int(seed)
         segment(np.zeros((8, 8, 3)), segmentation, n_segments=4, patch=4)  # validate early
 
-    def _seed(self, img: np.ndarray) -> int:
-        return (self.seed ^ zlib.crc32(img.tobytes())) % 2**31
-
     def segments(self, img: np.ndarray) -> np.ndarray:
         """Superpixels of one ``[H, W, 3]`` image in [0, 1], exactly as :meth:`explain` uses them."""
         return segment(img, self.segmentation, n_segments=self.n_segments, patch=self.patch,
-                       seed=self._seed(img.astype(np.float32)))
+                       seed=image_seed(self.seed, img.astype(np.float32)))
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from lime.lime_image import LimeImageExplainer
@@ -78,7 +74,7 @@ class Lime(Explainer):
         maps = []
         for img_t, target in zip(x, targets.tolist()):
             img = img_t.permute(1, 2, 0).cpu().numpy().astype(np.float32)
-            seed = self._seed(img)
+            seed = image_seed(self.seed, img)
             np.random.seed(seed)
             segs = self.segments(img)
             hide = None

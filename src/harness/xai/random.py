@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 from torch import nn
 
-from harness.xai.base import Explainer
+from harness.xai.base import Explainer, image_seed
 
 
 class RandomExplainer(Explainer):
@@ -26,6 +24,6 @@ class RandomExplainer(Explainer):
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         maps = []
         for img in x.detach().cpu():
-            g = torch.Generator().manual_seed(self.seed ^ zlib.crc32(img.numpy().tobytes()))
+            g = torch.Generator().manual_seed(image_seed(self.seed, img))
             maps.append(torch.rand(img.shape[-2:], generator=g))
         return torch.stack(maps)
