@@ -8,6 +8,7 @@ signature Quantus expects, so every metric can re-explain perturbed inputs.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -72,6 +73,16 @@ def model_device(model: nn.Module | None) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class ModelCost:
+    """The raw model work a method's algorithm needs per image: ``forward`` images pushed through
+    the model without gradients and ``backward`` images through forward plus backward. The
+    benchmark times these in the same run to report a method's overhead over its algorithm."""
+
+    forward: float = 0.0
+    backward: float = 0.0
+
+
 class Explainer:
     """Base class: subclasses implement :meth:`explain` on tensors.
 
@@ -87,6 +98,11 @@ class Explainer:
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost | None:
+        """The model passes per image this method's algorithm requires at these settings for
+        inputs of ``image_size`` (H, W); ``None`` where no such count is meaningful."""
+        return None
 
     def __call__(self, model: nn.Module, inputs: Any, targets: Any, **_: Any) -> np.ndarray:
         dev = model_device(model)
