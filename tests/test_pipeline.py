@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from conftest import run_harness
+from conftest import make_cfg, run_harness
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, cache_dir, trained_vit):
     tmp = tmp_path_factory.mktemp("sweep")
-    r = run_harness("-m", "xai=random,ig", "dataset.n=6", "experiment_name=sweep-test",
+    # attnlrp runs before ig in the same process (the basic launcher runs jobs in order): ig's
+    # maps must be those of ig alone, so a sweep is not poisoned by a method's patches.
+    r = run_harness("-m", "xai=random,attnlrp,ig", "dataset.n=6", "experiment_name=sweep-test",
                     f"paths.cache_dir={cache_dir}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
                     f"tracking.artifact_location={tmp}/artifacts", f"hydra.sweep.dir={tmp}/sweep")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -24,7 +26,7 @@ def sweep(tmp_path_factory, cache_dir, trained_vit):
 
 def test_two_jobs_two_finished_runs(sweep):
     _, runs = sweep
-    assert sorted(runs) == ["IntegratedGradients", "RandomExplainer"]
+    assert sorted(runs) == ["IntegratedGradients", "RandomExplainer", "TransformerLRP"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
     assert len({r.data.tags["sweep_id"] for r in runs.values()}) == 1
 
@@ -56,6 +58,20 @@ def test_artifacts(sweep, tmp_path):
         col = table["columns"].index("srg")
         mean = np.mean([row[col] for row in table["data"]])
         assert mean == pytest.approx(run.data.metrics["srg"], rel=1e-6)  # the table backs the metric
+
+
+def test_ig_after_attnlrp_equals_ig_alone(sweep, trained_vit, tmp_path):
+    from hydra.utils import instantiate
+
+    client, runs = sweep
+    rid = runs["IntegratedGradients"].info.run_id
+    swept = np.load(client.download_artifacts(rid, "attributions.npz", str(tmp_path)))["attributions"]
+    cfg = make_cfg(["dataset.n=6"])
+    data = instantiate(cfg.dataset)
+    x, _ = trained_vit.preprocess(data.images, data.masks)
+    assert cfg.target == "label"
+    alone = instantiate(cfg.xai)(trained_vit, x, data.labels)
+    np.testing.assert_allclose(swept, alone, rtol=1e-4, atol=1e-6)
 
 
 def test_failing_job_is_recorded_and_explained(tmp_path):
