@@ -16,7 +16,7 @@ from harness.xai.gradcam import GradCAM
 from harness.xai.occlusion import Occlusion
 
 XAI = sorted(p.stem for p in (CONF_DIR / "xai").glob("*.yaml"))
-FAST = {"smoothgrad": ["xai.n_samples=4"], "lime": ["xai.num_samples=64"], "kernelshap": ["xai.n_samples=64"]}
+FAST = {"smoothgrad": ["xai.n_samples=4"], "freemcg": ["xai.n_particles=16"], "lime": ["xai.num_samples=64"], "kernelshap": ["xai.n_samples=64"]}
 
 
 def tiny_vit():
