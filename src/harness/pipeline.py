@@ -58,9 +58,21 @@ def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
     if getattr(explainer, "needs_gradients", False) and not any(p.requires_grad for p in model.parameters()):
         raise HarnessError(f"{name} needs gradients, but the model has none "
                            "(int8 or TorchScript model?); choose a gradient-free xai option")
-    if getattr(explainer, "needs_attention", False) and not is_vit(model):
-        raise HarnessError(f"{name} reads a ViT's attention; this model is not a timm ViT "
-                           "(for CNNs: gradcam, ig, saliency, ixg, smoothgrad, occlusion, lime, kernelshap)")
+    arch = "vit" if is_vit(model) else "cnn"
+    if arch not in getattr(explainer, "architectures", (arch,)):
+        raise HarnessError(f"{name} does not serve this model ({type(getattr(model, 'net', model)).__name__}, "
+                           f"a {arch.upper()}); xai options that do: {', '.join(methods_for(arch))}")
+
+
+def methods_for(arch: str) -> list[str]:
+    """The ``xai`` options (from the config group) whose explainer serves ``arch`` (vit or cnn)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from harness import CONF_DIR
+
+    return [p.stem for p in sorted((CONF_DIR / "xai").glob("*.yaml"))
+            if arch in getattr(get_class(OmegaConf.load(p)._target_), "architectures", (arch,))]
 
 
 def _aggregate(per_image: dict[str, np.ndarray]) -> dict[str, float]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer, is_vit, network
+from harness.xai.base import Explainer, ModelCost, is_vit, network
 
 CNN_METHODS = "gradcam, ig, saliency, ixg, smoothgrad, occlusion"
 
@@ -108,7 +108,7 @@ class AttentionRollout(Explainer):
         start_layer: first block included in the product.
     """
 
-    needs_attention = True
+    architectures = ("vit",)
 
     def __init__(self, head_fusion: str = "mean", discard_ratio: float = 0.0, start_layer: int = 0) -> None:
         if head_fusion not in ("mean", "max", "min"):
@@ -118,6 +118,10 @@ class AttentionRollout(Explainer):
         self.head_fusion = head_fusion
         self.discard_ratio = float(discard_ratio)
         self.start_layer = int(start_layer)
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        """One forward pass that records the attention."""
+        return ModelCost(forward=1)
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mods = _attention_modules(model, "attention rollout")
@@ -158,10 +162,14 @@ class CheferRelevance(Explainer):
     """
 
     needs_gradients = True
-    needs_attention = True
+    architectures = ("vit",)
 
     def __init__(self, start_layer: int = 0) -> None:
         self.start_layer = int(start_layer)
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        """One gradient (to the attention maps)."""
+        return ModelCost(backward=1)
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mods = _attention_modules(model, "Chefer relevance")

@@ -88,12 +88,13 @@ class Explainer:
 
     Capability metadata, checked before a job starts:
         needs_gradients: the model must be differentiable (no int8 / TorchScript-only models).
-        needs_attention: the model must be a ViT whose attention can be read.
+        architectures: the model families the method serves: ``vit`` (a timm ViT) and ``cnn``
+            (any other network).
         patches_model: the method changes the model while it runs (and must undo it).
     """
 
     needs_gradients: ClassVar[bool] = False
-    needs_attention: ClassVar[bool] = False
+    architectures: ClassVar[tuple[str, ...]] = ("vit", "cnn")
     patches_model: ClassVar[bool] = False
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -234,6 +234,7 @@ class TransformerLRP(Explainer):
 
     needs_gradients = True
     patches_model = True
+    architectures = ("vit",)
 
     def __init__(self, mode: str = "attnlrp", rule: str = "gamma", epsilon: float = 1e-6,
                  gamma_linear: float = 0.05, gamma_conv: float = 0.25) -> None:
