@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer, is_vit, network
+from harness.xai.base import Explainer, ModelCost, is_vit, network
 
 
 @contextmanager
@@ -74,6 +74,11 @@ class GradCAM(Explainer):
     def __init__(self, layer: str = "auto", relu: bool = True) -> None:
         self.layer = layer
         self.relu = bool(relu)
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        """One gradient (to the feature map; ``layer: auto`` on a CNN also probes one image per
+        call to find the layer, not counted)."""
+        return ModelCost(backward=1)
 
     def _module(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
         net = network(model)

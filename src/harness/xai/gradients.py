@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer, check_fill, fill_like, image_seed
+from harness.xai.base import Explainer, ModelCost, check_fill, fill_like, image_seed
 
 
 def target_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -36,6 +36,9 @@ class Saliency(Explainer):
     def __init__(self, abs: bool = True) -> None:  # noqa: A002 - the paper's name for it
         self.abs = bool(abs)
 
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        return ModelCost(backward=1)
+
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         g = target_gradient(model, x, targets)
         return g.abs().amax(1) if self.abs else g.sum(1)
@@ -58,6 +61,9 @@ class InputXGradient(Explainer):
 
     def __init__(self, baseline: float | str = "model_mean") -> None:
         self.baseline = check_fill(baseline, "xai.baseline")
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        return ModelCost(backward=1)
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ref = fill_like(model, x, self.baseline, "xai.baseline")
@@ -99,6 +105,10 @@ class SmoothGrad(Explainer):
         self.multiply_by_inputs = bool(multiply_by_inputs)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        """One gradient per noisy copy."""
+        return ModelCost(backward=self.n_samples)
 
     def _noise(self, x: torch.Tensor) -> torch.Tensor:
         """[S, N, C, H, W] noise; each image's noise is seeded by its content, not its batch."""

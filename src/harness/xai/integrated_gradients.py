@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from harness.xai.base import Explainer, check_fill, fill_like
+from harness.xai.base import Explainer, ModelCost, check_fill, fill_like
 
 
 class IntegratedGradients(Explainer):
@@ -39,6 +39,10 @@ class IntegratedGradients(Explainer):
         self.method = method
         self.internal_batch_size = internal_batch_size
         self.multiply_by_inputs = multiply_by_inputs
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        """One gradient (forward + backward) per point on the path."""
+        return ModelCost(backward=self.n_steps)
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         from captum.attr import IntegratedGradients as CaptumIG

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.xai.base import Explainer, check_fill, fill_like, image_seed
+from harness.xai.base import Explainer, ModelCost, check_fill, fill_like, image_seed
 from harness.xai.superpixels import segment
 
 
@@ -36,6 +36,15 @@ def coalitions(m: int, n_samples: int, rng: np.random.Generator) -> tuple[np.nda
     for i, k in enumerate(drawn):
         z[i, rng.choice(m, size=k, replace=False)] = True
     return np.concatenate([z, ~z]), np.ones(2 * half)
+
+
+def n_coalitions(m: int, n_samples: int) -> int:
+    """How many coalitions :func:`coalitions` returns for ``m`` players and ``n_samples``."""
+    if m <= 1:
+        return 0
+    if 2**m - 2 <= n_samples:
+        return 2**m - 2
+    return 2 * max(1, n_samples // 2)
 
 
 def solve(z: np.ndarray, w: np.ndarray, f: np.ndarray, f_empty: float, f_full: float) -> np.ndarray:
@@ -86,6 +95,19 @@ class KernelShap(Explainer):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         segment(np.zeros((8, 8, 3)), segmentation, n_segments=4, patch=4)  # validate early
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        """The coalition images plus the image and its baseline. The superpixel count is exact
+        for ``grid``; for SLIC it is taken as ``n_segments`` and for quickshift as large, which
+        only matters when all ``2^M - 2`` coalitions would fit in ``n_samples`` (M <= 8 at 500)."""
+        h, w = image_size
+        if self.segmentation == "grid":
+            m = -(-h // self.patch) * -(-w // self.patch)
+        elif self.segmentation == "slic":
+            m = min(self.n_segments, h * w)
+        else:
+            m = h * w
+        return ModelCost(forward=n_coalitions(m, self.n_samples) + 2)
 
     @torch.no_grad()
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer, check_fill, fill_like, image_seed
+from harness.xai.base import Explainer, ModelCost, check_fill, fill_like, image_seed
 from harness.xai.superpixels import segment
 
 
@@ -54,6 +54,10 @@ class Lime(Explainer):
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         segment(np.zeros((8, 8, 3)), segmentation, n_segments=4, patch=4)  # validate early
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        """lime classifies ``num_samples`` perturbed images (the first is the image itself)."""
+        return ModelCost(forward=self.num_samples)
 
     def segments(self, img: np.ndarray) -> np.ndarray:
         """Superpixels of one ``[H, W, 3]`` image in [0, 1], exactly as :meth:`explain` uses them."""

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer, check_fill, fill_like
+from harness.xai.base import Explainer, ModelCost, check_fill, fill_like
 
 
 class Occlusion(Explainer):
@@ -34,19 +34,28 @@ class Occlusion(Explainer):
         self.baseline = check_fill(baseline, "xai.baseline")
         self.batch_size = int(batch_size)
 
-    @torch.no_grad()
-    def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
+    def windows(self, h: int, w: int) -> list[tuple[int, int]]:
+        """Top-left corners of the occluding squares on an ``h`` × ``w`` image: every ``stride``,
+        plus the last row and column of windows so that the borders are covered too."""
         if self.patch > min(h, w):
             raise HarnessError(f"xai.patch={self.patch} is larger than the {h}x{w} input")
-        ref = fill_like(model, x, self.baseline, "xai.baseline")
         ys = list(range(0, h - self.patch + 1, self.stride))
         xs = list(range(0, w - self.patch + 1, self.stride))
         if ys[-1] != h - self.patch:
             ys.append(h - self.patch)  # cover the last rows and columns too
         if xs[-1] != w - self.patch:
             xs.append(w - self.patch)
-        windows = [(i, j) for i in ys for j in xs]
+        return [(i, j) for i in ys for j in xs]
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        """One forward per window plus one for the unoccluded image."""
+        return ModelCost(forward=len(self.windows(*image_size)) + 1)
+
+    @torch.no_grad()
+    def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        windows = self.windows(h, w)
+        ref = fill_like(model, x, self.baseline, "xai.baseline")
         base = model(x).gather(1, targets[:, None])[:, 0]
         drops = torch.empty(len(windows), n, dtype=x.dtype, device=x.device)
         per_call = max(1, self.batch_size // n)

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.xai.base import Explainer, check_fill, fill_like
+from harness.xai.base import Explainer, ModelCost, check_fill, fill_like
 
 
 class PartitionShap(Explainer):
@@ -33,6 +33,10 @@ class PartitionShap(Explainer):
         shap_masks = isinstance(masker, str) and (masker.startswith("blur(") or masker.startswith("inpaint_"))
         self.masker = masker if shap_masks else check_fill(masker, "xai.masker")
         self.batch_size = int(batch_size)
+
+    def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
+        """shap evaluates the model on (at most) ``max_evals`` masked images."""
+        return ModelCost(forward=self.max_evals)
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         import shap
