@@ -148,3 +148,17 @@ def test_clear_errors():
     model.net.blocks[0].attn.gate = nn.Linear(32, 32)
     with pytest.raises(HarnessError, match="ungated"):
         TransformerLRP()(model, torch.rand(1, 3, 32, 32), [0])
+
+
+@pytest.mark.parametrize("mode", ["attnlrp", "cp"])
+def test_fused_attention_path_equals_the_rule_by_rule_path(mode):
+    """With fused attention the rules become gradient scales on q, k, v; they must give the
+    relevance of the explicit softmax and uniform-matmul rules."""
+    model = tiny_vit()
+    x, t = torch.rand(2, 3, 32, 32), torch.tensor([1, 3])
+    maps = {}
+    for fused in (True, False):
+        for blk in model.net.blocks:
+            blk.attn.fused_attn = fused
+        maps[fused] = TransformerLRP(mode, "epsilon")(model, x, t)
+    np.testing.assert_allclose(maps[True], maps[False], rtol=1e-4, atol=1e-6 * np.abs(maps[False]).max())

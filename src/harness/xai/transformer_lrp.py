@@ -60,18 +60,93 @@ def keep_value(surrogate: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z + ε sign(z)``, never zero (sign(0) counts as +)."""
-    sign = torch.where(z >= 0, 1.0, -1.0).to(z)
-    return z + sign * max(eps, torch.finfo(z.dtype).tiny)
+    return z.abs().add(max(eps, torch.finfo(z.dtype).tiny)).copysign(z)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``factor`` (a number or a
+    tensor like the input)."""
+
+    @staticmethod
+    def forward(ctx, x, factor):  # noqa: ANN001, ANN205 - autograd's signature
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        return g * ctx.factor, None
+
+
+def scale_grad(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
+    return _ScaleGrad.apply(x, factor)
+
+
+class _UniformMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(a, b)
+        return a @ b
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        a, b = ctx.saved_tensors
+        return 0.5 * (g @ b.transpose(-2, -1)), 0.5 * (a.transpose(-2, -1) @ g)
 
 
 def uniform_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` whose relevance splits equally between the factors (AttnLRP's uniform rule)."""
-    return 0.5 * (a @ b.detach()) + 0.5 * (a.detach() @ b)
+    return _UniformMatmul.apply(a, b)
+
+
+class _EpsilonRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, eps):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(y)
+        ctx.eps = eps
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        (y,) = ctx.saved_tensors
+        return g * y / stabilize(y, ctx.eps), None
 
 
 def epsilon_rule(y: torch.Tensor, eps: float) -> torch.Tensor:
     """ε-rule for an affine layer with output ``y``: the gradient scaled by ``y / (y + ε)``."""
-    return keep_value(y * (y / stabilize(y, eps)).detach(), y)
+    return _EpsilonRule.apply(y, eps)
+
+
+class _IdentityRule(torch.autograd.Function):
+    """``y = fn(x)`` element-wise, with ``R_in = R_out``: the backward is ``g ⊙ y / x``."""
+
+    @staticmethod
+    def forward(ctx, x, fn):  # noqa: ANN001, ANN205
+        y = fn(x)
+        ctx.save_for_backward(y / x.masked_fill(x == 0, 1.0))  # y = 0 where x = 0 for these activations
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        (ratio,) = ctx.saved_tensors
+        return g * ratio, None
+
+
+class _LayerNormIdentity(torch.autograd.Function):
+    """LayerNorm over the last ``ndim`` dims whose backward treats the standard deviation as a
+    constant: ``g_x = centre(g ⊙ w) / std``. Parameters get no gradient (none is needed)."""
+
+    @staticmethod
+    def forward(ctx, x, shape, weight, bias, eps):  # noqa: ANN001, ANN205
+        y, _, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
+        ctx.save_for_backward(rstd, weight)
+        ctx.dims = tuple(range(-len(shape), 0))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        rstd, weight = ctx.saved_tensors
+        gw = g if weight is None else g * weight
+        return (gw - gw.mean(ctx.dims, keepdim=True)) * rstd, None, None, None, None
 
 
 def gamma_rule(layer: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
@@ -118,16 +193,7 @@ def _conv(m: nn.Conv2d, rule: str, gamma: float, eps: float) -> Callable:
 
 def _layer_norm(m: nn.LayerNorm) -> Callable:
     def forward(x: torch.Tensor) -> torch.Tensor:
-        exact = F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
-        dims = tuple(range(-len(m.normalized_shape), 0))
-        centred = x - x.mean(dims, keepdim=True)
-        std = (centred.pow(2).mean(dims, keepdim=True) + m.eps).sqrt().detach()
-        y = centred / std
-        if m.weight is not None:
-            y = y * m.weight
-        if m.bias is not None:
-            y = y + m.bias
-        return keep_value(y, exact)
+        return _LayerNormIdentity.apply(x, m.normalized_shape, m.weight, m.bias, m.eps)
     return forward
 
 
@@ -135,13 +201,19 @@ def _identity_activation(m: nn.Module) -> Callable:
     original = type(m).forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        y = original(m, x)
-        ratio = torch.where(x == 0, torch.zeros_like(y), y / torch.where(x == 0, torch.ones_like(x), x))
-        return keep_value(x * ratio.detach(), y)
+        return _IdentityRule.apply(x, lambda t: original(m, t))
     return forward
 
 
 def _attention(m: nn.Module, mode: str) -> Callable:
+    """timm ``Attention.forward`` with AttnLRP's or CP-LRP's relevance flow.
+
+    Fused (``scaled_dot_product_attention``, as timm runs it by default): AttnLRP's softmax rule
+    is the plain softmax gradient, so its two uniform matmul rules come down to scaling the
+    gradients of ``v`` by 1/2 and of ``q`` and ``k`` by 1/4 (half at ``attn @ v``, half again at
+    ``q @ kᵀ``); CP-LRP detaches ``q`` and ``k`` (constant attention). The explicit path (when
+    ``fused_attn`` is off) applies the same rules op by op; a test checks both agree.
+    """
     from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
     def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -149,14 +221,22 @@ def _attention(m: nn.Module, mode: str) -> Callable:
         qkv = m.qkv(x).reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = m.q_norm(q), m.k_norm(k)
-        q = q * m.scale
-        logits = uniform_matmul(q, k.transpose(-2, -1)) if mode == "attnlrp" else q @ k.transpose(-2, -1)
-        logits = maybe_add_mask(logits, resolve_self_attn_mask(n, logits, attn_mask, is_causal))
-        attn = logits.softmax(dim=-1)
-        if mode == "cp":
-            attn = attn.detach()
-        attn = m.attn_drop(attn)
-        out = uniform_matmul(attn, v) if mode == "attnlrp" else attn @ v
+        if m.fused_attn:
+            if mode == "attnlrp":
+                q, k, v = scale_grad(q, 0.25), scale_grad(k, 0.25), scale_grad(v, 0.5)
+            else:
+                q, k = q.detach(), k.detach()
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                 dropout_p=m.attn_drop.p if m.training else 0.0)
+        else:
+            q = q * m.scale
+            logits = uniform_matmul(q, k.transpose(-2, -1)) if mode == "attnlrp" else q @ k.transpose(-2, -1)
+            logits = maybe_add_mask(logits, resolve_self_attn_mask(n, logits, attn_mask, is_causal))
+            attn = logits.softmax(dim=-1)
+            if mode == "cp":
+                attn = attn.detach()
+            attn = m.attn_drop(attn)
+            out = uniform_matmul(attn, v) if mode == "attnlrp" else attn @ v
         out = m.norm(out.transpose(1, 2).reshape(b, n, m.attn_dim))
         return m.proj_drop(m.proj(out))
     return forward
