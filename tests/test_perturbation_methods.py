@@ -92,3 +92,15 @@ def test_partition_shap_is_efficient_and_accepts_shap_maskers():
     np.testing.assert_allclose(a.sum((1, 2)), gap.numpy(), rtol=1e-4, atol=1e-5)  # Owen values add up
     blurred = PartitionShap(max_evals=100, masker="blur(8,8)")(model, x[:1], [0])
     assert blurred.shape == (1, 32, 32) and np.isfinite(blurred).all()
+
+
+def test_occlusion_auto_patch_scales_with_the_input():
+    from harness.types import HarnessError
+    from harness.xai.occlusion import Occlusion
+
+    occ = Occlusion()
+    assert occ.sizes(32, 32) == (4, 4) and occ.sizes(224, 224) == (28, 28)
+    assert len(occ.windows(224, 224)) == len(occ.windows(32, 32)) == 64
+    assert Occlusion(patch=6, stride="auto").sizes(224, 224) == (6, 6)
+    with pytest.raises(HarnessError, match="positive number of pixels or auto"):
+        Occlusion(patch="big")

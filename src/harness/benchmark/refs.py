@@ -148,7 +148,8 @@ def _(ex: Occlusion, model: nn.Module, x: torch.Tensor) -> Reference:
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> Any:
         base = fill_like(model, x, ex.baseline, "xai.baseline")
-        a = occ.attribute(x, sliding_window_shapes=(3, ex.patch, ex.patch), strides=(3, ex.stride, ex.stride),
+        patch, stride = ex.sizes(*x.shape[-2:])
+        a = occ.attribute(x, sliding_window_shapes=(3, patch, patch), strides=(3, stride, stride),
                           baselines=base, target=t, perturbations_per_eval=max(1, ex.batch_size // len(x)))
         return a.sum(1).detach().cpu().numpy()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -74,10 +75,11 @@ class GradCAM(Explainer):
     def __init__(self, layer: str = "auto", relu: bool = True) -> None:
         self.layer = layer
         self.relu = bool(relu)
+        self._auto: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> {(H, W): name}
 
     def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
-        """One gradient (to the feature map; ``layer: auto`` on a CNN also probes one image per
-        call to find the layer, not counted)."""
+        """One gradient (to the feature map; ``layer: auto`` on a CNN also probes one image once
+        per network and input size to find the layer, not counted)."""
         return ModelCost(backward=1)
 
     def _module(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -86,7 +88,11 @@ class GradCAM(Explainer):
         if name == "auto":
             # In a class-token ViT the last block's patch outputs never reach the head (zero
             # gradient); its first norm's output does, through the last attention.
-            name = f"blocks.{len(net.blocks) - 1}.norm1" if is_vit(model) else last_conv_stage(model, x)
+            if is_vit(model):
+                name = f"blocks.{len(net.blocks) - 1}.norm1"
+            else:
+                found = self._auto.setdefault(net, {})
+                name = found.get(tuple(x.shape[1:])) or found.setdefault(tuple(x.shape[1:]), last_conv_stage(model, x))
         try:
             return net.get_submodule(name)
         except AttributeError:
