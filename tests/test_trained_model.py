@@ -9,10 +9,9 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import make_cfg
-from harness import CONF_DIR
-from harness.pipeline import evaluate, explain
+from harness.pipeline import evaluate, explain, methods_for
 
-METHODS = sorted(p.stem for p in (CONF_DIR / "xai").glob("*.yaml") if p.stem != "random")
+METHODS = [m for m in methods_for("vit") if m != "random"]
 # Fewer perturbation samples than the defaults keep the suite fast; they still must beat random.
 FAST = {"lime": ["xai.num_samples=150"], "kernelshap": ["xai.n_samples=150"],
         "partition_shap": ["xai.max_evals=150"]}
