@@ -8,7 +8,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import make_cfg, needs_shared
-from harness.pipeline import methods_for
+from harness.xai.base import methods_for
 
 # Fewer samples than the defaults: this checks that each method runs on real models, not quality
 # (the tables in the issue notes measure that, with the defaults).

@@ -9,7 +9,8 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import make_cfg
-from harness.pipeline import evaluate, explain, methods_for
+from harness.pipeline import evaluate, explain
+from harness.xai.base import methods_for
 
 METHODS = [m for m in methods_for("vit") if m != "random"]
 # Fewer perturbation samples than the defaults keep the suite fast; they still must beat random.

@@ -52,7 +52,7 @@ def build(node: Any) -> Any:
 
 def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
     """Refuse a method the model cannot serve before any work is done."""
-    from harness.xai.base import is_vit
+    from harness.xai.base import is_vit, methods_for
 
     name = type(explainer).__name__
     if getattr(explainer, "needs_gradients", False) and not any(p.requires_grad for p in model.parameters()):
@@ -62,17 +62,6 @@ def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
     if arch not in getattr(explainer, "architectures", (arch,)):
         raise HarnessError(f"{name} does not serve this model ({type(getattr(model, 'net', model)).__name__}, "
                            f"a {arch.upper()}); xai options that do: {', '.join(methods_for(arch))}")
-
-
-def methods_for(arch: str) -> list[str]:
-    """The ``xai`` options (from the config group) whose explainer serves ``arch`` (vit or cnn)."""
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
-
-    from harness import CONF_DIR
-
-    return [p.stem for p in sorted((CONF_DIR / "xai").glob("*.yaml"))
-            if arch in getattr(get_class(OmegaConf.load(p)._target_), "architectures", (arch,))]
 
 
 def _aggregate(per_image: dict[str, np.ndarray]) -> dict[str, float]:

@@ -18,9 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.types import HarnessError
-from harness.xai.base import Explainer, ModelCost, is_vit, network
-
-CNN_METHODS = "gradcam, ig, saliency, ixg, smoothgrad, occlusion"
+from harness.xai.base import Explainer, ModelCost, is_vit, methods_for, network
 
 
 def _attention_modules(model: nn.Module, method: str) -> list[nn.Module]:
@@ -28,7 +26,7 @@ def _attention_modules(model: nn.Module, method: str) -> list[nn.Module]:
     if not is_vit(model):
         raise HarnessError(
             f"{method} reads transformer attention and needs a timm ViT; "
-            f"{type(network(model)).__name__} is not one (methods that work on CNNs: {CNN_METHODS})")
+            f"{type(network(model)).__name__} is not one (methods that work on CNNs: {', '.join(methods_for('cnn'))})")
     from timm.layers import Attention  # timm is only needed for ViTs
 
     net = network(model)

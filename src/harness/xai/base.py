@@ -73,6 +73,17 @@ def model_device(model: nn.Module | None) -> torch.device:
     return torch.device("cpu")
 
 
+def methods_for(arch: str) -> list[str]:
+    """The ``xai`` options (from the config group) whose explainer serves ``arch`` (vit or cnn)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from harness import CONF_DIR  # the config group is the registry
+
+    return [p.stem for p in sorted((CONF_DIR / "xai").glob("*.yaml"))
+            if arch in getattr(get_class(OmegaConf.load(p)._target_), "architectures", (arch,))]
+
+
 @dataclass(frozen=True)
 class ModelCost:
     """The raw model work a method's algorithm needs per image: ``forward`` images pushed through
