@@ -208,11 +208,12 @@ def _identity_activation(m: nn.Module) -> Callable:
 def _attention(m: nn.Module, mode: str) -> Callable:
     """timm ``Attention.forward`` with AttnLRP's or CP-LRP's relevance flow.
 
-    Fused (``scaled_dot_product_attention``, as timm runs it by default): AttnLRP's softmax rule
-    is the plain softmax gradient, so its two uniform matmul rules come down to scaling the
-    gradients of ``v`` by 1/2 and of ``q`` and ``k`` by 1/4 (half at ``attn @ v``, half again at
-    ``q @ kᵀ``); CP-LRP detaches ``q`` and ``k`` (constant attention). The explicit path (when
-    ``fused_attn`` is off) applies the same rules op by op; a test checks both agree.
+    CP-LRP computes the attention probabilities without gradient (they are constants), so the
+    backward is one matmul. AttnLRP, fused (``scaled_dot_product_attention``, as timm runs it by
+    default): its softmax rule is the plain softmax gradient, so its two uniform matmul rules
+    come down to scaling the gradients of ``v`` by 1/2 and of ``q`` and ``k`` by 1/4 (half at
+    ``attn @ v``, half again at ``q @ kᵀ``). The explicit path (when ``fused_attn`` is off)
+    applies the same rules op by op; a test checks both agree.
     """
     from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
@@ -221,22 +222,20 @@ def _attention(m: nn.Module, mode: str) -> Callable:
         qkv = m.qkv(x).reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = m.q_norm(q), m.k_norm(k)
-        if m.fused_attn:
-            if mode == "attnlrp":
-                q, k, v = scale_grad(q, 0.25), scale_grad(k, 0.25), scale_grad(v, 0.5)
-            else:
-                q, k = q.detach(), k.detach()
+        if mode == "cp":  # constant attention: only ``attn @ v`` needs a backward
+            with torch.no_grad():
+                logits = (q * m.scale) @ k.transpose(-2, -1)
+                attn = maybe_add_mask(logits, resolve_self_attn_mask(n, logits, attn_mask, is_causal)).softmax(-1)
+            out = m.attn_drop(attn) @ v
+        elif m.fused_attn:
+            q, k, v = scale_grad(q, 0.25), scale_grad(k, 0.25), scale_grad(v, 0.5)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                  dropout_p=m.attn_drop.p if m.training else 0.0)
         else:
             q = q * m.scale
-            logits = uniform_matmul(q, k.transpose(-2, -1)) if mode == "attnlrp" else q @ k.transpose(-2, -1)
+            logits = uniform_matmul(q, k.transpose(-2, -1))
             logits = maybe_add_mask(logits, resolve_self_attn_mask(n, logits, attn_mask, is_causal))
-            attn = logits.softmax(dim=-1)
-            if mode == "cp":
-                attn = attn.detach()
-            attn = m.attn_drop(attn)
-            out = uniform_matmul(attn, v) if mode == "attnlrp" else attn @ v
+            out = uniform_matmul(m.attn_drop(logits.softmax(dim=-1)), v)
         out = m.norm(out.transpose(1, 2).reshape(b, n, m.attn_dim))
         return m.proj_drop(m.proj(out))
     return forward
@@ -278,10 +277,11 @@ def lrp_rules(net: nn.Module, mode: str = "attnlrp", rule: str = "epsilon", epsi
                 raise HarnessError(f"{type(m).__name__} already has a patched forward; refusing to stack LRP rules")
             if type(m) is Attention:
                 fwd = _attention(m, mode)
-            elif isinstance(m, nn.Linear):
-                fwd = _linear(m, rule, gamma_linear, epsilon)
-            elif isinstance(m, nn.Conv2d):
-                fwd = _conv(m, rule, gamma_conv, epsilon)
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
+                gamma = gamma_linear if isinstance(m, nn.Linear) else gamma_conv
+                if (rule == "epsilon" or gamma == 0) and epsilon == 0:
+                    continue  # LRP-0 of an affine layer is its plain gradient: nothing to patch
+                fwd = (_linear if isinstance(m, nn.Linear) else _conv)(m, rule, gamma, epsilon)
             elif isinstance(m, nn.LayerNorm):
                 fwd = _layer_norm(m)
             elif type(m).__name__ in IDENTITY_ACTIVATIONS:
