@@ -113,3 +113,31 @@ def test_pointing_game_known_answers():
 def test_pointing_game_without_mask_is_nan():
     s = PointingGame()(None, None, np.ones((2, 4, 4)), None, [None, np.zeros((4, 4), bool)])
     assert np.isnan(s.scores["pointing_game"]).all()
+
+
+def test_aggregate_mean_sem_and_bootstrap_interval():
+    from harness.pipeline import _aggregate
+
+    v = np.random.default_rng(1).normal(2.0, 1.0, size=400)
+    agg = _aggregate({"m": np.append(v, np.nan)})  # NaN images are left out
+    assert agg["m"] == pytest.approx(v.mean()) and agg["m_sem"] == pytest.approx(v.std(ddof=1) / 20)
+    low, high = agg["m_ci95_low"], agg["m_ci95_high"]
+    assert low < v.mean() < high
+    assert high - low == pytest.approx(2 * 1.96 * agg["m_sem"], rel=0.15)  # normal theory
+    const = _aggregate({"c": np.full(10, 3.0)})
+    assert const["c_ci95_low"] == const["c_ci95_high"] == 3.0
+
+
+def test_srg_softmax_variant_logs_beside_srg_and_clashes_are_refused():
+    from harness.pipeline import evaluate
+
+    torch.manual_seed(0)
+    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3)), input_size=8).eval()
+    x, t = torch.rand(2, 3, 8, 8), torch.tensor([0, 2])
+    maps = np.random.default_rng(0).random((2, 8, 8)).astype(np.float32)
+    res = evaluate({"srg": SRG(patch_size=2), "srg_softmax": SRG(patch_size=2, output="softmax", name="srg_softmax")},
+                   model, x, maps, t, None)
+    assert set(res["srg_softmax"].scores) == {"srg_softmax", "srg_softmax_morf_auc", "srg_softmax_lerf_auc"}
+    assert not np.allclose(res["srg"].scores["srg"], res["srg_softmax"].scores["srg_softmax"])
+    with pytest.raises(HarnessError, match="both log"):
+        evaluate({"a": SRG(patch_size=2), "b": SRG(patch_size=2, output="softmax")}, model, x, maps, t, None)

@@ -36,7 +36,8 @@ def test_params_metrics_tags(sweep):
     for run in runs.values():
         p, m, t = run.data.params, run.data.metrics, run.data.tags
         assert p["dataset.n"] == "6" and p["model.arch"] == "vit_tiny_patch16_224" and p["seed"] == "0"
-        for key in ("accuracy", "srg", "srg_sem", "pointing_game", "model_val_accuracy", "wall_seconds"):
+        for key in ("accuracy", "srg", "srg_sem", "srg_ci95_low", "srg_ci95_high", "pointing_game",
+                    "model_val_accuracy", "wall_seconds"):
             assert np.isfinite(m[key]), key
         assert m["n_images"] == 6 and m["model_val_accuracy"] >= 0.9
         assert t["seed"] == "0" and t["version.torch"] and t["version.mlflow"]

@@ -64,13 +64,18 @@ def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
                            f"a {arch.upper()}); xai options that do: {', '.join(methods_for(arch))}")
 
 
-def _aggregate(per_image: dict[str, np.ndarray]) -> dict[str, float]:
+def _aggregate(per_image: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
+    """Mean, standard error and a 95 % percentile-bootstrap interval of the mean of each score
+    over the images where it is finite (Efron & Tibshirani 1993)."""
+    rng = np.random.default_rng(seed)
     out = {}
     for name, v in per_image.items():
         v = v[np.isfinite(v)]
         if len(v):
             out[name] = float(v.mean())
             out[f"{name}_sem"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+            means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(1)
+            out[f"{name}_ci95_low"], out[f"{name}_ci95_high"] = map(float, np.percentile(means, [2.5, 97.5]))
     return out
 
 
@@ -100,6 +105,10 @@ def evaluate(metrics: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, m
         t0 = time.perf_counter()
         out[name] = metric(model, x, maps, targets, masks)
         log.info("metric %s took %.1f s", name, time.perf_counter() - t0)
+        for other, res in list(out.items())[:-1]:
+            if clash := set(res.scores) & set(out[name].scores):
+                raise HarnessError(f"metrics {other} and {name} both log {sorted(clash)}; give one "
+                                   f"another name (e.g. metrics.{name}.name=...)")
     return out
 
 

@@ -49,6 +49,8 @@ class SRG:
             in [0, 1].
         output: ``logit`` (as in the papers above) or ``softmax`` (the target's probability).
         batch_size: perturbed images per model call.
+        name: prefix of the logged scores and curves (``srg``, ``srg_morf_auc``, ...), so that
+            variants (e.g. ``srg_softmax``) can be logged side by side.
     """
 
     higher_is_better: ClassVar[bool] = True
@@ -62,6 +64,7 @@ class SRG:
         replacement: float | str = "model_mean",
         output: str = "logit",
         batch_size: int = 512,
+        name: str = "srg",
     ) -> None:
         if output not in ("logit", "softmax"):
             raise HarnessError(f"metrics.srg.output={output!r} is not valid; valid: logit, softmax")
@@ -70,6 +73,7 @@ class SRG:
         self.replacement = check_fill(replacement, "metrics.srg.replacement")
         self.output = output
         self.batch_size = int(batch_size)
+        self.name = str(name)
 
     @torch.no_grad()
     def curves(
@@ -120,7 +124,8 @@ class SRG:
         morf, lerf, frac = self.curves(model, x, a, targets)
         morf_auc, lerf_auc = np.trapezoid(morf, frac, axis=1), np.trapezoid(lerf, frac, axis=1)
         return MetricOutput(
-            scores={"srg": lerf_auc - morf_auc, "srg_morf_auc": morf_auc, "srg_lerf_auc": lerf_auc},
-            curves={"srg_morf": morf, "srg_lerf": lerf},
+            scores={self.name: lerf_auc - morf_auc, f"{self.name}_morf_auc": morf_auc,
+                    f"{self.name}_lerf_auc": lerf_auc},
+            curves={f"{self.name}_morf": morf, f"{self.name}_lerf": lerf},
             curve_x=frac,
         )
