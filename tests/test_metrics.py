@@ -141,3 +141,19 @@ def test_srg_softmax_variant_logs_beside_srg_and_clashes_are_refused():
     assert not np.allclose(res["srg"].scores["srg"], res["srg_softmax"].scores["srg_softmax"])
     with pytest.raises(HarnessError, match="both log"):
         evaluate({"a": SRG(patch_size=2), "b": SRG(patch_size=2, output="softmax")}, model, x, maps, t, None)
+
+
+def test_curves_plot_one_panel_per_metric_with_curves(tmp_path):
+    from PIL import Image
+
+    from harness.render.curves import plot_curves
+    from harness.types import MetricOutput
+
+    x = np.linspace(0, 1, 5)
+    rng = np.random.default_rng(0)
+    srg = MetricOutput(scores={"srg": np.ones(3)}, curve_x=x,
+                       curves={"srg_morf": rng.random((3, 5)), "srg_lerf": rng.random((3, 5))})
+    pg = MetricOutput(scores={"pointing_game": np.ones(3)})
+    assert plot_curves({"srg": srg, "pointing_game": pg}, tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size[0] < 700  # one panel: pointing_game has no curves
+    assert not plot_curves({"pointing_game": pg}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()

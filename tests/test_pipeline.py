@@ -50,7 +50,7 @@ def test_artifacts(sweep, tmp_path):
     for run in runs.values():
         rid = run.info.run_id
         files = {f.path for f in client.list_artifacts(rid)}
-        assert {"attributions.npz", "curves.npz", "config.yaml", "per_image.json", "overlays"} <= files
+        assert {"attributions.npz", "curves.npz", "curves.png", "config.yaml", "per_image.json", "overlays"} <= files
         assert len(client.list_artifacts(rid, "overlays")) == 6
         z = np.load(client.download_artifacts(rid, "attributions.npz", str(tmp_path)))
         assert z["attributions"].shape == (6, 32, 32) and np.isfinite(z["attributions"]).all()

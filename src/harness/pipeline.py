@@ -171,6 +171,7 @@ def _log_outputs(rec, cfg, data: ImageSet, x: torch.Tensor, maps: np.ndarray, la
                  per_image: dict[str, np.ndarray], results: dict[str, MetricOutput]) -> None:
     import pandas as pd
 
+    from harness.render.curves import plot_curves
     from harness.render.overlay import overlay
 
     names = data.class_names
@@ -195,6 +196,7 @@ def _log_outputs(rec, cfg, data: ImageSet, x: torch.Tensor, maps: np.ndarray, la
         curves.update({f"{name}_x": r.curve_x for name, r in results.items() if r.curve_x is not None})
         if curves:
             np.savez_compressed(tmp / "curves.npz", **curves)
+            plot_curves(results, tmp / "curves.png", title=str(cfg.xai._target_).rsplit(".", 1)[-1])
     limit = len(data) if cfg.max_overlays is None else min(len(data), int(cfg.max_overlays))
     if limit:
         with rec.folder("overlays") as tmp:
