@@ -206,7 +206,17 @@ class Complexity(QuantusMetric):
     default_abs: ClassVar[bool] = True
 
 
-class RelevanceMassAccuracy(QuantusMetric):
+class _Localisation(QuantusMetric):
+    """Localisation metrics: scored against ground-truth masks, higher is better, signed
+    relevance by default (Quantus' ``abs=False``)."""
+
+    higher_is_better: ClassVar[bool] = True
+    family: ClassVar[str] = "localisation"
+    needs_masks: ClassVar[bool] = True
+    default_abs: ClassVar[bool] = False
+
+
+class RelevanceMassAccuracy(_Localisation):
     """Relevance mass accuracy: the share of the map's total relevance inside the object mask.
 
     ``quantus.RelevanceMassAccuracy``: ``sum(a * mask) / sum(a)``. Higher is better: 1 when all
@@ -219,15 +229,11 @@ class RelevanceMassAccuracy(QuantusMetric):
         neural network explanations", Information Fusion 81, 2022.
     """
 
-    higher_is_better: ClassVar[bool] = True
-    family: ClassVar[str] = "localisation"
-    needs_masks: ClassVar[bool] = True
     quantus_class: ClassVar[str] = "RelevanceMassAccuracy"
     score_name: ClassVar[str] = "relevance_mass_accuracy"
-    default_abs: ClassVar[bool] = False
 
 
-class RelevanceRankAccuracy(QuantusMetric):
+class RelevanceRankAccuracy(_Localisation):
     """Relevance rank accuracy: the share of the ``K`` highest-ranked pixels that lie on the object.
 
     ``quantus.RelevanceRankAccuracy``, with ``K`` the number of mask pixels. In [0, 1]; higher is
@@ -240,15 +246,11 @@ class RelevanceRankAccuracy(QuantusMetric):
         neural network explanations", Information Fusion 81, 2022.
     """
 
-    higher_is_better: ClassVar[bool] = True
-    family: ClassVar[str] = "localisation"
-    needs_masks: ClassVar[bool] = True
     quantus_class: ClassVar[str] = "RelevanceRankAccuracy"
     score_name: ClassVar[str] = "relevance_rank_accuracy"
-    default_abs: ClassVar[bool] = False
 
 
-class LocalisationAUC(QuantusMetric):
+class LocalisationAUC(_Localisation):
     """Area under the ROC curve of the attribution as a detector of the mask's pixels.
 
     ``quantus.AUC`` (scikit-learn's ``roc_curve`` and ``auc``): the probability that a random
@@ -260,9 +262,5 @@ class LocalisationAUC(QuantusMetric):
         Fawcett, "An introduction to ROC analysis", Pattern Recognition Letters 27, 2006.
     """
 
-    higher_is_better: ClassVar[bool] = True
-    family: ClassVar[str] = "localisation"
-    needs_masks: ClassVar[bool] = True
     quantus_class: ClassVar[str] = "AUC"
     score_name: ClassVar[str] = "localisation_auc"
-    default_abs: ClassVar[bool] = False
