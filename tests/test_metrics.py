@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from harness.evaluation.pointing_game import PointingGame
-from harness.evaluation.srg import SRG
+from harness.evaluation.perturbation import SRG
 from harness.models.classifier import Classifier
-from harness.types import HarnessError
+from harness.types import HarnessError, MetricOutput
 
 
 class Linear(nn.Module):
@@ -39,7 +39,8 @@ def test_srg_curve_values_by_hand():
     a = contributions(model, x, t)
     patch = a.reshape(2, 2, 2, 2).permute(0, 2, 1, 3).reshape(4, 4).sum(1)  # 4 patches of 2x2
     srg = SRG(patch_size=2, steps=None, replacement=0.0)
-    morf, lerf, frac = srg.curves(model, x, a[:, :, :], t)
+    curves, frac = srg.curves(model, x, a[:, :, :], t)
+    morf, lerf = curves["morf"], curves["lerf"]
     full = float(model(x).detach()[0, 2])
     desc, asc = torch.sort(patch, descending=True).values, torch.sort(patch).values
     exp_morf = [full - float(desc[:k].sum()) for k in range(5)]
@@ -157,3 +158,23 @@ def test_curves_plot_one_panel_per_metric_with_curves(tmp_path):
     assert plot_curves({"srg": srg, "pointing_game": pg}, tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").size[0] < 700  # one panel: pointing_game has no curves
     assert not plot_curves({"pointing_game": pg}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_a_metric_failing_on_one_image_scores_nan_with_the_reason():
+    from harness.pipeline import evaluate
+
+    class Flaky:
+        higher_is_better = True
+
+        def __call__(self, model, x, a, t, masks=None):
+            if (x[:, 0, 0, 0] < 0).any():
+                raise ValueError("negative pixel")
+            return MetricOutput(scores={"flaky": x.mean((1, 2, 3)).numpy()}, curves={"c": np.ones((len(x), 3))},
+                                curve_x=np.arange(3))
+
+    x = torch.rand(4, 3, 2, 2)
+    x[2, 0, 0, 0] = -1
+    res = evaluate({"flaky": Flaky()}, None, x, np.zeros((4, 2, 2)), torch.zeros(4, dtype=torch.long), None)["flaky"]
+    np.testing.assert_allclose(res.scores["flaky"][[0, 1, 3]], x[[0, 1, 3]].mean((1, 2, 3)).numpy(), rtol=1e-6)
+    assert np.isnan(res.scores["flaky"][2]) and np.isnan(res.curves["c"][2]).all()
+    assert res.errors == [(2, "ValueError: negative pixel")]

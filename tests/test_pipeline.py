@@ -90,3 +90,34 @@ def test_method_the_model_cannot_serve_is_refused_before_work(tmp_path):
                     f"tracking.artifact_location={tmp_path}/a", f"hydra.run.dir={tmp_path}/out")
     assert r.returncode == 1 and "does not serve this model (ResNet, a CNN)" in r.stderr
     assert "gradcam" in r.stderr and "rollout" not in r.stderr.split("do:")[1] and "Traceback" not in r.stderr
+
+
+def test_every_metric_family_in_one_run(tmp_path, cache_dir, trained_vit):
+    """All metric families through `python -m harness`: finite scores, curves, and each score's
+    family and direction recorded for reports."""
+    metrics = ("srg,pixel_flipping,region_perturbation,faithfulness_correlation,road,max_sensitivity,emprt,"
+               "random_logit,sparseness,complexity,pointing_game,relevance_rank_accuracy,localisation_auc")
+    r = run_harness("xai=saliency", "dataset.n=4", f"metrics=[{metrics}]", "metrics.pixel_flipping.steps=8",
+                    "metrics.region_perturbation.regions=8", "metrics.faithfulness_correlation.nr_runs=10",
+                    "metrics.max_sensitivity.nr_samples=2", "metrics.road.percentages=[20,60]",
+                    f"paths.cache_dir={cache_dir}", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                    f"tracking.artifact_location={tmp_path}/a", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 0, r.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    m, t = run.data.metrics, run.data.tags
+    for score in ("srg", "pixel_flipping", "region_perturbation_morf_aopc", "region_perturbation_lerf_aopc",
+                  "faithfulness_correlation", "road_morf", "max_sensitivity", "emprt", "random_logit",
+                  "sparseness", "complexity", "pointing_game", "relevance_rank_accuracy", "localisation_auc"):
+        assert np.isfinite(m[score]) and np.isfinite(m[f"{score}_ci95_low"]), score
+    assert m["n_metric_errors"] == 0
+    info = json.load(open(client.download_artifacts(run.info.run_id, "metric_info.json", str(tmp_path))))
+    assert info["pixel_flipping"] == {"metric": "pixel_flipping", "family": "faithfulness", "higher_is_better": False}
+    assert info["region_perturbation_lerf_aopc"]["higher_is_better"] is False
+    assert info["region_perturbation_morf_aopc"]["higher_is_better"] is True
+    assert info["srg_morf_auc"]["higher_is_better"] is False and info["srg"]["higher_is_better"] is True
+    assert info["emprt"]["family"] == "randomisation" and info["localisation_auc"]["family"] == "localisation"
+    assert t["higher_is_better.max_sensitivity"] == "false" and t["family.max_sensitivity"] == "robustness"
+    curves = np.load(client.download_artifacts(run.info.run_id, "curves.npz", str(tmp_path)))
+    assert curves["pixel_flipping_morf"].shape == (4, 9) and curves["road_morf"].shape == (4, 2)
+    assert curves["region_perturbation_lerf"].shape == (4, 9)

@@ -146,15 +146,19 @@ def test_missing_or_empty_mask_is_nan_and_others_still_score(cls):
 
 
 def test_a_quantus_exception_on_one_image_gives_nan_for_that_image(caplog):
+    from harness.pipeline import evaluate
+
     m = block_mask()
     a = np.stack([m.astype(float), rand_map(8), m.astype(float)])
     a[1, 0, 0] = np.nan  # scikit-learn's roc_curve raises "Input contains NaN"
     x = np.random.default_rng(0).random((3, 3, H, W)).astype(np.float32)
     with caplog.at_level(logging.WARNING):
-        s = score(LocalisationAUC(), a, np.stack([m] * 3), x=x)
+        res = evaluate({"auc": LocalisationAUC()}, None, x, a, np.zeros(3, np.int64), np.stack([m] * 3))["auc"]
+    s = res.scores["localisation_auc"]
     np.testing.assert_allclose(s[[0, 2]], 1.0)
     assert np.isnan(s[1])
-    assert "failed on 1 of 3 images" in caplog.text and "NaN" in caplog.text
+    assert [i for i, _ in res.errors] == [1] and "NaN" in res.errors[0][1]  # the reason is kept
+    assert "failed on 1 of 3 images" in caplog.text
 
 
 def test_degenerate_maps_scored_unless_quantus_checks_are_kept():
@@ -190,7 +194,7 @@ def test_options_compose_with_hydra_and_run_in_evaluate():
     import torch
     from conftest import make_cfg
 
-    from harness.evaluation.srg import SRG
+    from harness.evaluation.perturbation import SRG
     from harness.pipeline import build, evaluate
 
     cfg = make_cfg(["metrics=[srg,sparseness]"])

@@ -80,12 +80,13 @@ def _aggregate(per_image: dict[str, np.ndarray], n_boot: int = 1000, seed: int =
 
 
 def explain(explainer: Any, model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
-            batch_size: int) -> np.ndarray:
+            batch_size: int, progress: bool = True) -> np.ndarray:
     """Attribution maps ``[N, H, W]`` for ``x``, computed ``batch_size`` images at a time."""
     from tqdm.auto import tqdm
 
     maps = []
-    for i in tqdm(range(0, len(x), batch_size), desc=f"explain ({type(explainer).__name__})", disable=None):
+    for i in tqdm(range(0, len(x), batch_size), desc=f"explain ({type(explainer).__name__})",
+                  disable=None if progress else True):
         maps.append(np.asarray(explainer(model, x[i : i + batch_size], targets[i : i + batch_size])))
     out = np.concatenate(maps) if maps else np.zeros((0, *x.shape[-2:]), np.float32)
     if out.shape != (len(x), *x.shape[-2:]):
@@ -94,22 +95,74 @@ def explain(explainer: Any, model: torch.nn.Module, x: torch.Tensor, targets: to
     return out.astype(np.float32)
 
 
+def _score_one_by_one(metric: Any, model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray,
+                      targets: torch.Tensor, masks: np.ndarray | None, kwargs: dict, first: Exception) -> MetricOutput:
+    """After a metric failed on a batch: score each image alone; failures score NaN with the reason."""
+    parts: list[MetricOutput | None] = []
+    errors: list[tuple[int, str]] = []
+    for i in range(len(x)):
+        try:
+            parts.append(metric(model, x[i : i + 1], maps[i : i + 1], targets[i : i + 1],
+                                None if masks is None else masks[i : i + 1], **kwargs))
+        except HarnessError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one image's failure must not end the run
+            parts.append(None)
+            errors.append((i, f"{type(e).__name__}: {e}"))
+    ok = [p for p in parts if p is not None]
+    if not ok:
+        return MetricOutput(scores={}, errors=errors or [(i, f"{type(first).__name__}: {first}") for i in range(len(x))])
+    ref = ok[0]
+    nan_row = lambda v: np.full(np.shape(v)[1:], np.nan)  # noqa: E731
+    return MetricOutput(
+        scores={k: np.array([p.scores[k][0] if p else np.nan for p in parts]) for k in ref.scores},
+        curves={k: np.stack([p.curves[k][0] if p else nan_row(v) for p in parts]) for k, v in ref.curves.items()},
+        curve_x=ref.curve_x, higher_is_better=ref.higher_is_better,
+        errors=errors + [(i, e) for i, p in enumerate(parts) if p for _, e in p.errors])
+
+
 def evaluate(metrics: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray,
-             targets: torch.Tensor, masks: np.ndarray | None) -> dict[str, MetricOutput]:
-    """Run every metric; a metric that needs masks is skipped (with a warning) when none exist."""
+             targets: torch.Tensor, masks: np.ndarray | None,
+             explain_fn: Any = None) -> dict[str, MetricOutput]:
+    """Run every metric. A metric that needs masks is skipped (with a warning) when none exist;
+    one that re-explains inputs (``needs_explainer``) gets ``explain_fn(model, x, targets)``. A
+    metric that fails is retried image by image: the images it fails on score NaN, and the
+    reasons are kept in ``MetricOutput.errors``."""
     out = {}
     for name, metric in metrics.items():
         if getattr(metric, "needs_masks", False) and masks is None:
             log.warning("metric %s needs ground-truth masks and this dataset has none: skipped", name)
             continue
+        kwargs = {}
+        if getattr(metric, "needs_explainer", False):
+            if explain_fn is None:
+                raise HarnessError(f"metric {name} re-explains inputs and needs the explainer")
+            kwargs["explain"] = explain_fn
         t0 = time.perf_counter()
-        out[name] = metric(model, x, maps, targets, masks)
+        try:
+            out[name] = metric(model, x, maps, targets, masks, **kwargs)
+        except HarnessError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("metric %s failed on the batch (%s: %s); scoring image by image", name, type(e).__name__, e)
+            out[name] = _score_one_by_one(metric, model, x, maps, targets, masks, kwargs, e)
+        if out[name].errors:
+            log.warning("metric %s failed on %d of %d images, scored NaN (first: %s)",
+                        name, len(out[name].errors), len(x), out[name].errors[0][1])
         log.info("metric %s took %.1f s", name, time.perf_counter() - t0)
         for other, res in list(out.items())[:-1]:
             if clash := set(res.scores) & set(out[name].scores):
                 raise HarnessError(f"metrics {other} and {name} both log {sorted(clash)}; give one "
                                    f"another name (e.g. metrics.{name}.name=...)")
     return out
+
+
+def score_info(metrics: dict[str, Any], results: dict[str, MetricOutput]) -> dict[str, dict[str, Any]]:
+    """For every logged score: the metric option that made it, its family and direction, for
+    reports to sort and mark the best correctly."""
+    return {score: {"metric": name, "family": getattr(metrics[name], "family", "other"),
+                    "higher_is_better": bool(r.higher_is_better.get(score, getattr(metrics[name], "higher_is_better", True)))}
+            for name, r in results.items() for score in r.scores}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -149,7 +202,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         maps = explain(explainer, model, x, targets, int(cfg.batch_size))
         explain_s = time.perf_counter() - t0
-        results = evaluate(metrics, model, x, maps, targets, masks)
+        results = evaluate(metrics, model, x, maps, targets, masks, explain_fn=lambda m, xx, tt: explain(
+            explainer, m, xx, tt, int(cfg.batch_size), progress=False))
 
         per_image = {k: v for r in results.values() for k, v in r.scores.items()}
         summary = {
@@ -157,10 +211,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "n_images": float(len(data)),
             "n_skipped": float(len(data.skipped)),
             "explain_seconds_per_image": explain_s / len(data),
+            "n_metric_errors": float(sum(len(r.errors) for r in results.values())),
             **{f"model_{k}": v for k, v in model.info.items()},
             **_aggregate(per_image),
         }
-        _log_outputs(rec, cfg, data, x, maps, labels, preds, targets, per_image, results)
+        info = score_info(metrics, results)
+        rec.tags({f"{k}.{score}": str(v).lower() for score, i in info.items()
+                  for k, v in i.items() if k != "metric"})
+        _log_outputs(rec, cfg, data, x, maps, labels, preds, targets, per_image, results, info)
         summary["wall_seconds"] = time.perf_counter() - t_start
         rec.metrics(summary)
         log.info("run %s: %s", rec.run_id, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
@@ -168,7 +226,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def _log_outputs(rec, cfg, data: ImageSet, x: torch.Tensor, maps: np.ndarray, labels, preds, targets,
-                 per_image: dict[str, np.ndarray], results: dict[str, MetricOutput]) -> None:
+                 per_image: dict[str, np.ndarray], results: dict[str, MetricOutput],
+                 info: dict[str, dict[str, Any]]) -> None:
+    import json
+
     import pandas as pd
 
     from harness.render.curves import plot_curves
@@ -189,6 +250,10 @@ def _log_outputs(rec, cfg, data: ImageSet, x: torch.Tensor, maps: np.ndarray, la
     rec.table(table, "per_image.json")
     if data.skipped:
         rec.text("\n".join(f"{i}\t{why}" for i, why in data.skipped), "skipped.tsv")
+    if info:
+        rec.text(json.dumps(info, indent=1), "metric_info.json")
+    if errors := [(data.ids[i], name, why) for name, r in results.items() for i, why in r.errors]:
+        rec.text("image_id\tmetric\treason\n" + "\n".join("\t".join(e) for e in errors), "metric_errors.tsv")
     with rec.folder() as tmp:
         np.savez_compressed(tmp / "attributions.npz", attributions=maps, image_ids=np.array(data.ids),
                             labels=labels.numpy(), predictions=preds.numpy(), targets=targets.numpy())

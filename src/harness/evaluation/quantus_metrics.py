@@ -8,8 +8,8 @@ called with ``model=None``. How the adapter calls Quantus, and why:
   magnitude over the *whole batch* (``normalise_by_max`` reduces over every axis, the batch axis
   included) and runs its input checks over the whole batch, so in a batched call an image's score
   could depend on the images next to it. A call per image makes every score a function of that
-  image alone, and an exception in Quantus costs only that image: its score is NaN, the others
-  are kept, and one warning says how many images failed and why.
+  image alone, and an exception in Quantus costs only that image: its score is NaN with the
+  reason (``MetricOutput.errors``, logged as ``metric_errors.tsv``), the others are kept.
 - **Degenerate maps are scored.** Quantus' ``assert_attributions`` refuses a batch whose
   attributions are all equal (constant), all zero, all one, or all negative. These maps have
   well-defined scores here (a constant map: sparseness 0, complexity ``log(H*W)``, mass accuracy
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -46,7 +45,6 @@ from torch import nn
 
 from harness.types import MetricOutput
 
-log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -134,7 +132,7 @@ class QuantusMetric:
         yb = np.zeros(n, np.int64) if targets is None else np.asarray(
             targets.cpu() if hasattr(targets, "cpu") else targets).reshape(n)
         scores = np.full(n, np.nan)
-        errors: list[str] = []
+        errors: list[tuple[int, str]] = []
         if self.needs_masks and masks is None:
             return MetricOutput(scores={self.score_name: scores})
         metric = self.quantus_metric()
@@ -152,11 +150,8 @@ class QuantusMetric:
                                  channel_first=True, batch_size=1)
                     scores[i] = float(np.asarray(out, dtype=np.float64).reshape(-1)[0])
                 except Exception as e:  # one image's failure must not end the run
-                    errors.append(f"image {i}: {type(e).__name__}: {e}")
-        if errors:
-            log.warning("metric %s: Quantus failed on %d of %d images, scored NaN (first: %s)",
-                        self.score_name, len(errors), n, errors[0])
-        return MetricOutput(scores={self.score_name: scores})
+                    errors.append((i, f"Quantus {self.quantus_class}: {type(e).__name__}: {e}"))
+        return MetricOutput(scores={self.score_name: scores}, errors=errors)
 
 
 def _inputs(x: Any, n: int, h: int, w: int) -> np.ndarray:
