@@ -188,3 +188,27 @@ def test_perturbation_methods_are_timed_against_their_packages(option, overrides
     row = bench_method(option, ex, tiny_cnn(), x, t, cfg)
     assert row["status"] == "ok" and not row["reference"].startswith("n/a"), row
     assert all(row[k] > 0 and math.isfinite(row[k]) for k in ("s_per_image", "ratio_raw", "ratio_ref")), row
+
+
+def test_metric_benchmark_command(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "harness.benchmark.metrics", *TINY_VIT, "dataset=shapes", "dataset.n=2",
+                        "n_images=2", "repeats=1", "metric_names=[srg,pixel_flipping,max_sensitivity,sparseness,road]",
+                        "metric_overrides={max_sensitivity:{nr_samples:2},road:{percentages:[50]}}",
+                        f"output_dir={out}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {row["metric"]: row for row in csv.DictReader(open(out / "benchmark_metrics.csv"))}
+    assert list(rows) == ["srg", "pixel_flipping", "max_sensitivity", "sparseness", "road"]
+    assert rows["srg"]["model_cost"] == "128 fwd"  # 64 patches of 4x4: 65 MoRF points + 63 LeRF points
+    assert rows["pixel_flipping"]["model_cost"] == "49 fwd" and rows["max_sensitivity"]["model_cost"] == "2 explanations"
+    for m in ("srg", "pixel_flipping"):
+        assert float(rows[m]["ratio_ref"]) > 0 and rows[m]["reference"].startswith("quantus.")
+    for m in ("srg", "pixel_flipping", "max_sensitivity", "road"):
+        assert float(rows[m]["ratio_raw"]) > 0
+    assert rows["sparseness"]["ratio_raw"] == "" and rows["sparseness"]["model_cost"] == "0"
+    assert "ratio a" in r.stdout and (out / "benchmark_metrics.md").exists()
+    bad = subprocess.run([sys.executable, "-m", "harness.benchmark.metrics", "metric_names=[srg,nope]"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert bad.returncode == 1 and "unknown metric(s) 'nope'" in bad.stderr and "valid:" in bad.stderr

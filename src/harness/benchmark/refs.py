@@ -116,9 +116,11 @@ def _(ex: SmoothGrad, model: nn.Module, x: torch.Tensor) -> Reference:
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> Any:
         stdev = ex.noise_level * float(x.max() - x.min())
-        g = nt.attribute(x, nt_type=ex.variant, nt_samples=ex.n_samples, stdevs=stdev, target=t, abs=False,
+        g = nt.attribute(x, nt_type=ex.variant, nt_samples=ex.n_samples, stdevs=stdev, target=t, abs=ex.abs,
                          nt_samples_batch_size=max(1, ex.batch_size // len(x)))
-        return (g * x if ex.multiply_by_inputs else g).sum(1).detach().cpu().numpy()
+        if ex.multiply_by_inputs:
+            return (g * x).sum(1).detach().cpu().numpy()
+        return (g.amax(1) if ex.abs else g.sum(1)).detach().cpu().numpy()
 
     return "captum NoiseTunnel(Saliency)", fn
 

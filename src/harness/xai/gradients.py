@@ -86,7 +86,11 @@ class SmoothGrad(Explainer):
         n_samples: noisy copies per image.
         noise_level: noise standard deviation as a share of the input range (max - min).
         variant: ``smoothgrad``, ``smoothgrad_sq`` or ``vargrad``.
-        multiply_by_inputs: multiply the mean gradient by the input (SmoothGrad × input).
+        abs: average gradient magnitudes and keep the largest over the colour channels, as
+            :class:`Saliency` does (captum's ``NoiseTunnel(Saliency)``, which benchmarks such as
+            Blücher et al. 2024 run); ``false``: signed gradients summed over the channels.
+        multiply_by_inputs: multiply the mean (signed) gradient by the input (SmoothGrad × input;
+            needs ``abs: false``).
         batch_size: noisy images per backward pass.
         seed: seeds the noise; each image's noise comes from the seed and the image's own bytes,
             so a map does not depend on the batch it was computed in.
@@ -96,9 +100,14 @@ class SmoothGrad(Explainer):
     VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
     def __init__(self, n_samples: int = 32, noise_level: float = 0.15, variant: str = "smoothgrad",
-                 multiply_by_inputs: bool = False, batch_size: int = 256, seed: int = 0) -> None:
+                 abs: bool = True, multiply_by_inputs: bool = False, batch_size: int = 256,  # noqa: A002
+                 seed: int = 0) -> None:
         if variant not in self.VARIANTS:
             raise HarnessError(f"xai.variant={variant!r} is not valid; valid: {', '.join(self.VARIANTS)}")
+        if abs and multiply_by_inputs:
+            raise HarnessError("xai.multiply_by_inputs=true multiplies the signed mean gradient by the input: "
+                               "set xai.abs=false with it")
+        self.abs = bool(abs)
         self.n_samples = int(n_samples)
         self.noise_level = float(noise_level)
         self.variant = variant
@@ -127,10 +136,14 @@ class SmoothGrad(Explainer):
             target_gradient(model, noisy[i : i + self.batch_size], t[i : i + self.batch_size])
             for i in range(0, len(noisy), self.batch_size)
         ]).reshape(self.n_samples, n, *x.shape[1:])
+        if self.abs:
+            grads = grads.abs()
         if self.variant == "smoothgrad":
             g = grads.mean(0)
         elif self.variant == "smoothgrad_sq":
             g = (grads**2).mean(0)
         else:
             g = grads.var(0, unbiased=False)
-        return (g * x).sum(1) if self.multiply_by_inputs else g.sum(1)
+        if self.multiply_by_inputs:
+            return (g * x).sum(1)
+        return g.amax(1) if self.abs else g.sum(1)
