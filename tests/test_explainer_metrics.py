@@ -18,6 +18,16 @@ def grey(model, x, t):
     return x.detach().sum(1).numpy()
 
 
+def saliency(model, x, t):
+    """The saliency maps of ``x``, as a run's explain function computes them."""
+    return explain(Saliency(), model, torch.as_tensor(x), torch.as_tensor(t), 64, progress=False)
+
+
+def for_quantus(fn):
+    """``fn`` as a Quantus ``explain_func`` (maps with a channel axis)."""
+    return lambda model, inputs, targets, **_: fn(model, inputs, targets)[:, None]
+
+
 def test_max_sensitivity_by_hand():
     model = linear_model()
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -40,18 +50,16 @@ def test_max_sensitivity_equals_quantus_for_the_same_noise():
 
     model = conv_model()
     x, _, t = data(n=3)
-    sal = Saliency()
-    fn = lambda m, xx, tt: explain(sal, m, torch.as_tensor(xx), torch.as_tensor(tt), 64, progress=False)  # noqa: E731
-    a = fn(model, x, t)
+    a = saliency(model, x, t)
     ms = MaxSensitivity(nr_samples=3, radius=0.1)
-    ours = ms(model, x, a, t, explain=fn).scores["max_sensitivity"]
+    ours = ms(model, x, a, t, explain=saliency).scores["max_sensitivity"]
     noise = iter(ms.noise(x))
 
     def same_noise(arr, indices, **_):
         return arr + next(noise).reshape(arr.shape).astype(arr.dtype)
 
     theirs = quantus_call(quantus.MaxSensitivity(nr_samples=3, perturb_func=same_noise, disable_warnings=True),
-                          model, x, a, t, explain_func=lambda model, inputs, targets, **_: fn(model, inputs, targets)[:, None])
+                          model, x, a, t, explain_func=for_quantus(saliency))
     np.testing.assert_allclose(ours, theirs, rtol=1e-4)
 
 
@@ -60,16 +68,14 @@ def test_emprt_equals_quantus_and_is_zero_for_a_model_blind_explanation():
 
     model = conv_model()
     x, _, t = data(n=3)
-    sal = Saliency()
-    fn = lambda m, xx, tt: explain(sal, m, torch.as_tensor(xx), torch.as_tensor(tt), 64, progress=False)  # noqa: E731
-    a = fn(model, x, t)
+    a = saliency(model, x, t)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = torch.random.get_rng_state()
-    ours = EfficientMPRT()(model, x, a, t, explain=fn).scores["emprt"]
+    ours = EfficientMPRT()(model, x, a, t, explain=saliency).scores["emprt"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
     assert torch.equal(state, torch.random.get_rng_state())  # and the global RNG too
     theirs = quantus_call(quantus.EfficientMPRT(complexity_func_kwargs={"n_bins": 100}, disable_warnings=True),
-                          model, x, a, t, explain_func=lambda model, inputs, targets, **_: fn(model, inputs, targets)[:, None])
+                          model, x, a, t, explain_func=for_quantus(saliency))
     np.testing.assert_allclose(ours, theirs, rtol=1e-6)
     np.testing.assert_allclose(EfficientMPRT()(model, x, grey(model, x, t), t, explain=grey).scores["emprt"], 0.0)
     rand = randomised(model, 42)
@@ -100,7 +106,7 @@ def test_random_logit_known_answers_and_quantus_with_two_classes():
     for i in range(4):
         theirs = quantus_call(quantus.RandomLogit(num_classes=2, disable_warnings=True), model, x[i : i + 1],
                               a[i : i + 1], t[i : i + 1],
-                              explain_func=lambda model, inputs, targets, **_: exact(model, inputs, targets)[:, None])
+                              explain_func=for_quantus(exact))
         assert theirs[0] == pytest.approx(ssim(norm(a[i]).ravel(), norm(b[i]).ravel()), abs=1e-6)
         assert ours[i] == pytest.approx(ssim(norm(a[i]), norm(b[i])), abs=1e-6)
     other = rl.other_classes(torch.rand(50, 3, 4, 4), torch.zeros(50, dtype=torch.long), 5)

@@ -182,3 +182,26 @@ def test_road_imputation_and_orders():
     assert set(res.scores) == {"road_morf", "road_lerf"} and res.curves["road_morf"].shape == (6, 1)
     with pytest.raises(HarnessError, match="percentages"):
         ROAD(percentages=[120])
+
+
+class BrightSquare(nn.Module):
+    """Class 0 while the mean of the square ``R`` (rows and columns 2-5) stays above 0.5."""
+
+    def forward(self, x):
+        inside = x[:, :, 2:6, 2:6].mean((1, 2, 3))
+        return torch.stack([inside, torch.full_like(inside, 0.5)], 1)
+
+
+def test_road_known_answer_perfect_and_inverted_maps():
+    x = torch.full((1, 3, 8, 8), 0.1)
+    x[:, :, 2:6, 2:6] = 0.9  # 16 of 64 pixels
+    square = torch.zeros(8, 8)
+    square[2:6, 2:6] = 1
+    perfect = (square + 1e-3 * torch.rand(8, 8, generator=torch.Generator().manual_seed(0))).numpy()[None]
+    t = torch.tensor([0])
+    road = ROAD(percentages=[30], noise=0.0, orders=["morf", "lerf"])
+    # 30 % = 19 pixels: MoRF on the perfect map imputes the whole square from the dark border: class lost.
+    good = road(BrightSquare(), x, perfect, t).scores
+    assert good["road_morf"][0] == 0.0 and good["road_lerf"][0] == 1.0
+    bad = road(BrightSquare(), x, -perfect, t).scores  # inverted: background first, the square stays
+    assert bad["road_morf"][0] == 1.0 and bad["road_lerf"][0] == 0.0

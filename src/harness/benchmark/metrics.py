@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness import CONF_DIR
-from harness.benchmark.core import GOAL_RAW, _fmt, _hydra, _output_dir, _timed, raw_passes
+from harness.benchmark.core import GOAL_RAW, _fmt, _hydra, _output_dir, _timed, finish_row, raw_passes
 from harness.types import HarnessError
 from harness.utils import seed_everything, to_plain
 
@@ -158,22 +158,9 @@ def bench_metric(name: str, metric: Any, model: torch.nn.Module, x: torch.Tensor
     except Exception as e:  # noqa: BLE001 - one broken metric must not stop the benchmark
         log.exception("metric %s failed", name)
         return row | {"status": "error", "notes": f"error: {type(e).__name__}: {str(e)[:300]}"}
-    row["s_per_image"] = min(times["ours"])
-    notes = []
-    if fwd or expl:
-        row["raw_s_per_image"] = fwd * (min(times["fwd"]) if fwd else 0) + expl * explain_s
-        row["ratio_raw"] = row["s_per_image"] / row["raw_s_per_image"]
-        if fwd:
-            notes.append(f"raw at batch {batch}")
-        if row["ratio_raw"] >= GOAL_RAW + 0.005:
-            notes.append(f"ratio a over the {GOAL_RAW} goal")
-    if times["ref"]:
-        row["ref_s_per_image"] = min(times["ref"])
-        row["ratio_ref"] = row["s_per_image"] / row["ref_s_per_image"]
-        if row["ratio_ref"] >= 1.005:
-            notes.append("slower than Quantus")
-    row["notes"] = "; ".join(notes)
-    return row
+    raw_s = (fwd * min(times["fwd"]) if fwd else 0) + expl * explain_s if (fwd or expl) else None
+    return finish_row(row, min(times["ours"]), raw_s, min(times["ref"]) if times["ref"] else None,
+                      [f"raw at batch {batch}"] if fwd else [], "slower than Quantus")
 
 
 def table(rows: list[dict[str, Any]], sep: str = "  ") -> str:

@@ -55,6 +55,14 @@ def outputs(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, outpu
     ]) if len(images) else np.zeros(0)
 
 
+def check_orders(orders: str | list[str] | tuple[str, ...], what: str) -> tuple[str, ...]:
+    """Validate a list of removal orders (``morf``, ``lerf``) when a metric is built."""
+    out = tuple(str(o) for o in ([orders] if isinstance(orders, str) else orders))
+    if not out or any(o not in ORDERS for o in out) or len(set(out)) < len(out):
+        raise HarnessError(f"{what}.orders={list(out)} is not valid; valid: a list of distinct values from {list(ORDERS)}")
+    return out
+
+
 def check_output(output: str, what: str) -> str:
     if output not in ("logit", "softmax"):
         raise HarnessError(f"{what}.output={output!r} is not valid; valid: logit, softmax")
@@ -255,11 +263,7 @@ class RegionPerturbation(_Removal):
                  name: str = "region_perturbation") -> None:
         super().__init__(patch_size, replacement, output, batch_size, name)
         self.regions = int(regions)
-        orders = tuple(str(o) for o in ([orders] if isinstance(orders, str) else orders))
-        if not orders or any(o not in ORDERS for o in orders) or len(set(orders)) < len(orders):
-            raise HarnessError(f"metrics.{self.name}.orders={list(orders)} is not valid; "
-                               f"valid: a list of distinct values from {list(ORDERS)}")
-        self.orders = orders
+        self.orders = check_orders(orders, f"metrics.{self.name}")
 
     def _removed(self, n_patches: int) -> np.ndarray:
         return np.arange(min(self.regions, n_patches) + 1)

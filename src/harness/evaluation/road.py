@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.evaluation.perturbation import check_orders
 from harness.types import HarnessError, MetricOutput
 from harness.xai.base import image_seed, model_device
-
-ORDERS = ("morf", "lerf")
 
 
 @contextlib.contextmanager
@@ -69,11 +68,7 @@ class ROAD:
         self.percentages = np.asarray(list(percentages), dtype=np.float64)
         if not len(self.percentages) or ((self.percentages < 0) | (self.percentages > 100)).any():
             raise HarnessError(f"metrics.{self.name}.percentages must be values in [0, 100], got {list(percentages)}")
-        orders = tuple(str(o) for o in ([orders] if isinstance(orders, str) else orders))
-        if not orders or any(o not in ORDERS for o in orders) or len(set(orders)) < len(orders):
-            raise HarnessError(f"metrics.{self.name}.orders={list(orders)} is not valid; "
-                               f"valid: a list of distinct values from {list(ORDERS)}")
-        self.orders = orders
+        self.orders = check_orders(orders, f"metrics.{self.name}")
         self.noise = float(noise)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
