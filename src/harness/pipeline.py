@@ -186,6 +186,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         model = build(cfg.model)
         explainer = build(cfg.xai)
         metrics = {name: build(m) for name, m in (cfg.metrics or {}).items()}
+        language = None if cfg.get("mllm") is None else (build(cfg.render), build(cfg.prompt), build(cfg.mllm))
         _check_capabilities(explainer, model)
 
         x, masks = model.preprocess(data.images, data.masks)
@@ -215,6 +216,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             **{f"model_{k}": v for k, v in model.info.items()},
             **_aggregate(per_image),
         }
+        records = language_stage(cfg, language, data, x, maps, preds, logits, masks, rec) if language else []
+        if records:
+            from harness.mllm.stage import summary as language_summary
+
+            summary.update(language_summary(records, cfg.prompt.get("response_format") == "json"))
         info = score_info(metrics, results)
         rec.tags({f"{k}.{score}": str(v).lower() for score, i in info.items()
                   for k, v in i.items() if k != "metric"})
@@ -223,6 +229,61 @@ def run(cfg: DictConfig) -> dict[str, float]:
         rec.metrics(summary)
         log.info("run %s: %s", rec.run_id, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
     return summary
+
+
+def language_stage(cfg: DictConfig, language: tuple[Any, Any, Any], data: ImageSet, x: torch.Tensor,
+                   maps: np.ndarray, preds: torch.Tensor, logits: torch.Tensor, masks: Any, rec: Any) -> list:
+    """Render the first ``language.n_images`` explanations with the ``(renderer, prompt, mllm)``
+    of ``language``, ask the MLLM about each, and log the rendered images (``rendered/``) and the
+    answers (table ``answers.json``, ``answers.jsonl``)."""
+    import json
+    from dataclasses import asdict
+
+    import pandas as pd
+
+    from harness.mllm.base import Request
+    from harness.mllm.stage import AnswerCache, ask
+
+    renderer, prompt, mllm = language
+    n = len(data) if cfg.language.n_images is None else min(len(data), int(cfg.language.n_images))
+    names = data.class_names
+    probs = logits.softmax(1)
+    method = str(cfg.language.method_name or _choice("xai", cfg.xai._target_))
+    classifier = str(_choice("model", cfg.model._target_))
+    requests, files = [], []
+    with rec.folder("rendered") as tmp:
+        for i in range(n):
+            p = int(preds[i])
+            label = names[p] if 0 <= p < len(names) else str(p)
+            true = names[int(data.labels[i])] if 0 <= int(data.labels[i]) < len(names) else str(data.labels[i])
+            score = float(probs[i, p]) * 100
+            system, user = prompt.render(label=label, true_label=true, score=f"{score:.0f}", method=method,
+                                         classifier=classifier)
+            images = renderer(x[i].numpy().transpose(1, 2, 0), maps[i])
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in data.ids[i])
+            files.append([f"rendered/{i:05d}_{safe}_{j}.png" for j in range(len(images))])
+            for img, f in zip(images, files[-1]):
+                img.save(tmp / Path(f).name)
+            requests.append(Request(images, user, system, maps[i], label, score,
+                                    None if masks is None else masks[i]))
+    cache = AnswerCache(cfg.language.cache_dir)
+    records = ask(mllm, requests, data.ids[:n], cache, files, prompt.response_format == "json")
+    rows = [asdict(r) for r in records]
+    rec.text("\n".join(json.dumps(r, default=str) for r in rows) + "\n", "answers.jsonl")
+    table = pd.DataFrame([{**r, "decoding": json.dumps(r["decoding"]), "rendered": " ".join(r["rendered"]),
+                           "parsed": json.dumps(r["parsed"]) if r["parsed"] is not None else ""} for r in rows])
+    rec.table(table, "answers.json")
+    return records
+
+
+def _choice(group: str, target: str) -> str:
+    """The option chosen for a config group (``xai`` -> ``lime``), or the class name outside Hydra."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices[group])
+    except (ImportError, ValueError, KeyError):
+        return str(target).rsplit(".", 1)[-1]
 
 
 def _log_outputs(rec, cfg, data: ImageSet, x: torch.Tensor, maps: np.ndarray, labels, preds, targets,

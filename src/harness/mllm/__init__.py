@@ -1,0 +1,1 @@
+"""The language stage: prompts, multimodal LLM backends and the records of their answers."""

@@ -1,0 +1,127 @@
+"""The language stage of a job: render each explanation, ask the MLLM, keep every answer.
+
+Answers are cached by content: the key is a hash of the rendered image(s) (PNG bytes), the
+system and user messages, and the backend's identity (backend, model, revision, decoding ...),
+so re-running the same combination costs nothing and any change that could change an answer
+misses the cache. Entries are written to a temporary file and renamed, so a killed job never
+leaves half an entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.mllm.base import MLLM, Answer, Record, Request
+
+log = logging.getLogger(__name__)
+
+
+def png_bytes(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def cache_key(req: Request, identity: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for img in req.images:
+        h.update(hashlib.sha256(png_bytes(img)).digest())
+    h.update(json.dumps([req.system, req.prompt, identity], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+class AnswerCache:
+    """Answers on disk under ``root/answers/<key[:2]>/<key>.json`` (``root=None``: no cache)."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.dir = None if root is None else Path(root) / "answers"
+
+    def get(self, key: str) -> list[Answer] | None:
+        if self.dir is None:
+            return None
+        path = self.dir / key[:2] / f"{key}.json"
+        try:
+            return [Answer(**a) for a in json.loads(path.read_text())]
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as e:
+            log.warning("answer cache entry %s is unreadable (%s): asking again", path, e)
+            return None
+
+    def put(self, key: str, answers: list[Answer]) -> None:
+        if self.dir is None:
+            return
+        folder = self.dir / key[:2]
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            json.dump([asdict(a) for a in answers], fh)
+        os.replace(tmp, folder / f"{key}.json")
+
+
+def parse_json(text: str) -> dict[str, Any] | None:
+    """The first JSON object in ``text`` (models wrap it in prose or code fences), or None."""
+    start = text.find("{")
+    while start != -1:
+        for end in [m.end() for m in re.finditer(r"\}", text[start:])][::-1]:
+            try:
+                out = json.loads(text[start : start + end])
+                return out if isinstance(out, dict) else None
+            except ValueError:
+                continue
+        start = text.find("{", start + 1)
+    return None
+
+
+def ask(mllm: MLLM, requests: list[Request], ids: list[str], cache: AnswerCache,
+        rendered_names: list[list[str]], json_answers: bool = False) -> list[Record]:
+    """Answers for ``requests`` (from the cache where present), as records."""
+    identity = mllm.identity()
+    keys = [cache_key(r, identity) for r in requests]
+    found = {i: a for i, k in enumerate(keys) if (a := cache.get(k)) is not None}
+    todo = [i for i in range(len(requests)) if i not in found]
+    if todo:
+        from tqdm.auto import tqdm
+
+        chunk = max(1, getattr(mllm, "batch_size", 8))
+        for s in tqdm(range(0, len(todo), chunk), desc=f"ask ({mllm.backend})", disable=None):
+            part = todo[s : s + chunk]
+            for i, answers in zip(part, mllm.generate([requests[i] for i in part])):
+                cache.put(keys[i], answers)
+                found[i] = answers
+    log.info("mllm %s: %d answers asked, %d from the cache", mllm.model, len(todo), len(requests) - len(todo))
+    records = []
+    for i, req in enumerate(requests):
+        for s, a in enumerate(found[i]):
+            records.append(Record(
+                image_id=ids[i], sample=s, text=a.text, prompt=req.prompt, system=req.system, backend=mllm.backend,
+                model=mllm.model, decoding=mllm.decoding.as_dict(), latency_s=a.latency_s,
+                prompt_tokens=a.prompt_tokens, completion_tokens=a.completion_tokens, finish_reason=a.finish_reason,
+                rendered=rendered_names[i], cache_key=keys[i], cached=i not in todo,
+                parsed=parse_json(a.text) if json_answers else None))
+    return records
+
+
+def summary(records: list[Record], json_answers: bool = False) -> dict[str, float]:
+    """Run-level numbers of the language stage."""
+    if not records:
+        return {}
+    fresh = [r for r in records if not r.cached]
+    out = {"n_answers": float(len(records)), "answer_cache_hits": float(sum(r.cached for r in records)),
+           "answer_words_mean": float(np.mean([len(r.text.split()) for r in records]))}
+    if fresh:
+        out["answer_latency_s_mean"] = float(np.mean([r.latency_s for r in fresh]))
+    if json_answers:
+        out["answer_json_valid"] = float(np.mean([r.parsed is not None for r in records]))
+    return out

@@ -1,0 +1,98 @@
+"""An offline, deterministic, non-LLM baseline: the attribution described in plain words."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from harness.mllm.base import MLLM, Answer, Request
+
+ROWS = ("upper", "middle", "lower")
+COLS = ("left", "centre", "right")
+
+
+def region_name(row: int, col: int) -> str:
+    """The words for a cell of the 3 x 3 grid (``0..2`` each)."""
+    if (row, col) == (1, 1):
+        return "centre"
+    if row == 1:
+        return f"{COLS[col]} side"
+    if col == 1:
+        return f"{ROWS[row]} centre"
+    return f"{ROWS[row]} {COLS[col]}"
+
+
+def mass_grid(attribution: np.ndarray) -> np.ndarray:
+    """Share of the positive attribution mass in each cell of a 3 x 3 grid (sums to 1; zeros
+    when the map has no positive part)."""
+    a = np.clip(np.nan_to_num(np.asarray(attribution, dtype=np.float64)), 0, None)
+    h, w = a.shape
+    r, c = np.minimum(np.arange(h) * 3 // h, 2), np.minimum(np.arange(w) * 3 // w, 2)
+    grid = np.zeros((3, 3))
+    np.add.at(grid, (r[:, None].repeat(w, 1), c[None, :].repeat(h, 0)), a)
+    total = grid.sum()
+    return grid / total if total > 0 else grid
+
+
+class Verbaliser(MLLM):
+    """States where the attribution mass lies, deterministically and without any model.
+
+    The answer names the predicted label (and confidence), the grid regions (3 x 3: upper left
+    ... lower right) that together hold at least ``min_share`` of the positive attribution mass,
+    largest first with their shares, the location of the peak, and, where an object mask is
+    known, the share of the mass on the object and the share of the object covered by the top
+    ``top_share`` of pixels. It is what the harness answers with when no LLM is available, and a
+    reference point for LLM answers. ``decoding`` is accepted and recorded but changes nothing.
+    """
+
+    backend = "verbaliser"
+
+    def __init__(self, min_share: float = 0.5, top_share: float = 0.2, decoding: dict | None = None) -> None:
+        super().__init__("verbaliser", decoding)
+        self.min_share, self.top_share = float(min_share), float(top_share)
+
+    def identity(self) -> dict:
+        return {**super().identity(), "min_share": self.min_share, "top_share": self.top_share}
+
+    def describe(self, req: Request) -> str:
+        a = np.nan_to_num(np.asarray(req.attribution, dtype=np.float64))
+        head = f"The classifier predicted \"{req.label}\""
+        head += f" with {req.score:.0f}% confidence." if req.score is not None else "."
+        grid = mass_grid(a)
+        if grid.sum() == 0:
+            return head + " The explanation marks no part of the image as supporting this decision."
+        order = np.argsort(-grid.ravel(), kind="stable")
+        cells, total = [], 0.0
+        for i in order:
+            cells.append(i)
+            total += grid.ravel()[i]
+            if total >= self.min_share:
+                break
+        parts = [f"the {region_name(*divmod(int(i), 3))}" + (f" ({grid.ravel()[i]:.0%})" if len(cells) > 1 else "")
+                 for i in cells]
+        where = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        text = f"{head} Most of the evidence ({total:.0%}) lies in {where} of the image."
+        pr, pc = np.unravel_index(int(np.argmax(a)), a.shape)
+        h, w = a.shape
+        text += f" The strongest evidence is in the {region_name(min(pr * 3 // h, 2), min(pc * 3 // w, 2))}."
+        if req.mask is not None and np.asarray(req.mask).any():
+            m = np.asarray(req.mask, bool)
+            pos = np.clip(a, 0, None)
+            on = pos[m].sum() / pos.sum()
+            k = max(1, int(round(self.top_share * a.size)))
+            top = np.zeros(a.size, bool)
+            top[np.argsort(-a.ravel(), kind="stable")[:k]] = True
+            covered = (top.reshape(a.shape) & m).sum() / m.sum()
+            text += (f" {on:.0%} of the evidence lies on the object, and the most relevant "
+                     f"{self.top_share:.0%} of the image covers {covered:.0%} of the object.")
+        return text
+
+    def generate(self, requests: list[Request]) -> list[list[Answer]]:
+        out = []
+        for req in requests:
+            t0 = time.perf_counter()
+            text = self.describe(req)
+            out.append([Answer(text, time.perf_counter() - t0, None, len(text.split()), "stop")]
+                       * self.decoding.num_samples)
+        return out
