@@ -138,3 +138,12 @@ def test_language_stage_in_a_run_with_a_tiny_llava(tiny, tmp_path, cache_dir, tr
     assert set(rec["rendered"]) <= files and len(files) == 3
     table = json.load(open(client.download_artifacts(rid, "answers.json", str(tmp_path))))
     assert len(table["data"]) == 3 and "text" in table["columns"]
+
+
+def test_uncached_hub_model_stops_the_job_with_a_message(tmp_path, cache_dir, trained_vit):
+    r = run_harness("mllm=llava15", "dataset.n=2", f"paths.cache_dir={cache_dir}",
+                    f"tracking.uri=sqlite:///{tmp_path}/m.db", f"tracking.artifact_location={tmp_path}/a",
+                    f"hydra.run.dir={tmp_path}/run", env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "harness: error: mllm.model='llava-hf/llava-1.5-7b-hf' is not a local folder" in r.stderr
+    assert "explain (" not in r.stderr  # refused before any work
