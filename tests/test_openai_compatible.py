@@ -24,6 +24,7 @@ class Server:
     def __init__(self) -> None:
         self.script: list[str] = []
         self.seen: list[dict] = []
+        self.reply = lambda body, i: f"answer {i}: the ears"  # the content of choice i
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,7 +43,7 @@ class Server:
                     return
                 text = "not json at all" if mode == "malformed" else json.dumps({
                     "id": "x", "object": "chat.completion", "model": body["model"],
-                    "choices": [{"index": i, "message": {"role": "assistant", "content": f"answer {i}: the ears"},
+                    "choices": [{"index": i, "message": {"role": "assistant", "content": outer.reply(body, i)},
                                  "finish_reason": "stop"} for i in range(body.get("n", 1))],
                     "usage": {"prompt_tokens": 42, "completion_tokens": 5 * body.get("n", 1)}})
                 data = text.encode()

@@ -33,6 +33,8 @@ def _hydra_tags() -> dict[str, str]:
         "sweep_id": hc.sweep.dir if multirun else hc.run.dir,
         "hydra_job_num": str(hc.job.num) if multirun else "0",
         "hydra_overrides": " ".join(hc.overrides.task),
+        **{f"choice.{group}": str(option) for group, option in hc.runtime.choices.items()
+           if "/" not in group and option is not None},
     }
 
 
@@ -186,7 +188,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         model = build(cfg.model)
         explainer = build(cfg.xai)
         metrics = {name: build(m) for name, m in (cfg.metrics or {}).items()}
-        language = None if cfg.get("mllm") is None else (build(cfg.render), build(cfg.prompt), build(cfg.mllm))
+        language = None if cfg.get("mllm") is None else (
+            build(cfg.render), build(cfg.prompt), build(cfg.mllm),
+            {name: build(m) for name, m in (cfg.get("text_metrics") or {}).items()})
         _check_capabilities(explainer, model)
 
         x, masks = model.preprocess(data.images, data.masks)
@@ -216,12 +220,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
             **{f"model_{k}": v for k, v in model.info.items()},
             **_aggregate(per_image),
         }
-        records = language_stage(cfg, language, data, x, maps, preds, logits, masks, rec) if language else []
+        records, text_scores, text_info = (language_stage(cfg, language, data, x, maps, preds, logits, masks, rec)
+                                           if language else ([], {}, {}))
         if records:
             from harness.mllm.stage import summary as language_summary
 
             summary.update(language_summary(records, cfg.prompt.get("response_format") == "json"))
-        info = score_info(metrics, results)
+            summary.update(_aggregate(text_scores))
+        info = {**score_info(metrics, results), **text_info}
         rec.tags({f"{k}.{score}": str(v).lower() for score, i in info.items()
                   for k, v in i.items() if k != "metric"})
         _log_outputs(rec, cfg, data, x, maps, labels, preds, targets, per_image, results, info)
@@ -231,11 +237,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return summary
 
 
-def language_stage(cfg: DictConfig, language: tuple[Any, Any, Any], data: ImageSet, x: torch.Tensor,
-                   maps: np.ndarray, preds: torch.Tensor, logits: torch.Tensor, masks: Any, rec: Any) -> list:
-    """Render the first ``language.n_images`` explanations with the ``(renderer, prompt, mllm)``
-    of ``language``, ask the MLLM about each, and log the rendered images (``rendered/``) and the
-    answers (table ``answers.json``, ``answers.jsonl``)."""
+def language_stage(cfg: DictConfig, language: tuple[Any, Any, Any, dict[str, Any]], data: ImageSet,
+                   x: torch.Tensor, maps: np.ndarray, preds: torch.Tensor, logits: torch.Tensor, masks: Any,
+                   rec: Any) -> tuple[list, dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Render the first ``language.n_images`` explanations with the ``(renderer, prompt, mllm,
+    text_metrics)`` of ``language``, ask the MLLM about each, score the answers, and log the
+    rendered images (``rendered/``) and the answers with their scores (table ``answers.json``,
+    ``answers.jsonl``). Returns the records, the text scores (one value per record) and their
+    metadata."""
     import json
     from dataclasses import asdict
 
@@ -244,7 +253,11 @@ def language_stage(cfg: DictConfig, language: tuple[Any, Any, Any], data: ImageS
     from harness.mllm.base import Request
     from harness.mllm.stage import AnswerCache, ask
 
-    renderer, prompt, mllm = language
+    from PIL import Image
+
+    from harness.text.base import Context
+
+    renderer, prompt, mllm, text_metrics = language
     n = len(data) if cfg.language.n_images is None else min(len(data), int(cfg.language.n_images))
     names = data.class_names
     probs = logits.softmax(1)
@@ -268,12 +281,22 @@ def language_stage(cfg: DictConfig, language: tuple[Any, Any, Any], data: ImageS
                                     None if masks is None else masks[i]))
     cache = AnswerCache(cfg.language.cache_dir)
     records = ask(mllm, requests, data.ids[:n], cache, files, prompt.response_format == "json")
-    rows = [asdict(r) for r in records]
+    contexts = {data.ids[i]: Context(requests[i].label, list(names), maps[i], requests[i].mask,
+                                     Image.fromarray((x[i].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)))
+                for i in range(n)}
+    scores: dict[str, np.ndarray] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name, metric in text_metrics.items():
+        out = metric(records, contexts)
+        for k, v in out.items():
+            info[k] = {"metric": name, "family": metric.family, "higher_is_better": bool(metric.directions.get(k, True))}
+        scores.update(out)
+    rows = [{**asdict(r), **{k: float(v[j]) for k, v in scores.items()}} for j, r in enumerate(records)]
     rec.text("\n".join(json.dumps(r, default=str) for r in rows) + "\n", "answers.jsonl")
     table = pd.DataFrame([{**r, "decoding": json.dumps(r["decoding"]), "rendered": " ".join(r["rendered"]),
                            "parsed": json.dumps(r["parsed"]) if r["parsed"] is not None else ""} for r in rows])
     rec.table(table, "answers.json")
-    return records
+    return records, scores, info
 
 
 def _choice(group: str, target: str) -> str:

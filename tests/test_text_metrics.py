@@ -1,0 +1,165 @@
+"""Text metrics on texts whose answer is known, and the XAI-sensitivity statistic."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from harness.mllm.base import Record
+from harness.mllm.openai_compatible import OpenAICompatible
+from harness.text.base import Context
+from harness.text.consistency import Consistency, Embedder
+from harness.text.grounding import Grounding, mentioned_regions
+from harness.text.judge import Judge, mask_label
+from harness.text.readability import Readability, syllables
+from harness.text.sensitivity import sensitivity
+from test_openai_compatible import Server
+
+
+def rec(text, image_id="img0", sample=0):
+    return Record(image_id, sample, text, "q", None, "test", "m", {}, 0.0, None, None, None)
+
+
+def upper_left_map():
+    a = np.zeros((30, 30))
+    a[:10, :10] = 1.0
+    return a
+
+
+CTX = {"img0": Context("cat", ["cat", "dog", "car"], upper_left_map())}
+
+
+def test_readability_known_answers():
+    r = Readability()
+    plain = r.scores("The cat sat on the mat.")
+    assert plain["flesch_reading_ease"] == pytest.approx(206.835 - 1.015 * 6 - 84.6 * 1)
+    assert plain["flesch_kincaid_grade"] == pytest.approx(0.39 * 6 + 11.8 - 15.59)
+    jargon = r.scores("The convolutional classifier backpropagates gradients through activation layers, "
+                      "yielding attribution heatmaps of superpixel relevance.")
+    assert jargon["flesch_reading_ease"] < plain["flesch_reading_ease"] - 50
+    assert jargon["technical_share"] > 0.5 and plain["technical_share"] == 0
+    assert r.scores("It might possibly be a cat.")["hedging_share"] == pytest.approx(2 / 6)
+    assert [syllables(w) for w in ("cat", "table", "beautiful", "make")] == [1, 2, 3, 1]
+    assert np.isnan(r([rec("")], CTX)["flesch_reading_ease"][0])
+
+
+def test_grounding_known_answers():
+    g = Grounding()
+    good = g([rec("The cat's pointed ears in the upper left are brown.")], CTX)
+    assert good["names_class"][0] == 1 and good["spatial_grounding"][0] == 1 and good["unsupported_regions"][0] == 0
+    assert good["feature_words"][0] == 3 and good["other_classes"][0] == 0
+    bad = g([rec("Two dogs in the lower right corner.")], CTX)
+    assert bad["names_class"][0] == 0 and bad["other_classes"][0] == 1
+    assert bad["spatial_grounding"][0] == 0 and bad["unsupported_regions"][0] == 1
+    assert np.isnan(g([rec("A cat.")], CTX)["spatial_grounding"][0])  # no region named
+    assert mentioned_regions("top-left, bottom right, the top, the left side, the middle") == [
+        {(0, 0)}, {(2, 2)}, {(0, 0), (0, 1), (0, 2)}, {(0, 0), (1, 0), (2, 0)}, {(1, 1)}]
+
+
+def test_consistency_identical_answers_score_one_with_either_embedding(tmp_path):
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"the cat ears are pointed a dog runs fast".split()]
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(str(tmp_path / "tok" / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    word = models.Transformer(str(tmp_path / "bert"))
+    SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension())]).save(str(tmp_path / "st"))
+    records = [rec("the cat ears are pointed", "a", 0), rec("the cat ears are pointed", "a", 1),
+               rec("the cat ears are pointed", "b", 0), rec("a dog runs fast", "b", 1), rec("alone", "c", 0)]
+    for model, name in ((str(tmp_path / "st"), "consistency_embedding"), (str(tmp_path / "missing"), "consistency_tfidf")):
+        out = Consistency(model=model)(records, {})
+        assert list(out) == [name]
+        s = out[name]
+        assert s[0] == pytest.approx(1.0) and s[2] < 0.99 and np.isnan(s[[1, 3, 4]]).all()
+    with pytest.raises(Exception, match="not available"):
+        Embedder(str(tmp_path / "missing"), fallback=None)(["x"])
+
+
+def test_judge_rubric_and_simulatability():
+    server = Server()
+    try:
+        def reply(body, i):
+            text = body["messages"][-1]["content"][0]["text"]
+            if "Rate the explanation" in text:
+                return 'Here you go: {"accuracy": 4, "completeness": 3, "clarity": 5}'
+            assert "cat" not in text.split("Options:")[0].lower()  # the label is masked
+            return "dog" if "wheels" in text else "cat"
+
+        server.reply = reply
+        judge = Judge(OpenAICompatible(server.url, "judge", max_retries=0))
+        ctx = {"img0": Context("cat", ["cat", "dog", "car"], upper_left_map(), image=Image.new("RGB", (8, 8)))}
+        out = judge([rec("The cat has pointed ears."), rec("Cats have wheels?")], ctx)
+        np.testing.assert_array_equal(out["judge_accuracy"], [4, 4])
+        np.testing.assert_array_equal(out["judge_clarity"], [5, 5])
+        np.testing.assert_array_equal(out["judge_simulatability"], [1, 0])
+        rubric_req = next(s for s in server.seen if "Rate" in json.dumps(s["body"]))
+        assert any(c["type"] == "image_url" for c in rubric_req["body"]["messages"][-1]["content"])
+    finally:
+        server.httpd.shutdown()
+    assert mask_label("Two Cats and a cat.", "cat") == "Two [class] and a [class]."
+
+
+def synthetic(differ: bool, n_images=6, samples=3, seed=0):
+    """Answers of methods A and B for the same images: about different things when ``differ``."""
+    rng = np.random.default_rng(seed)
+    topics = {"A": ["ears", "fur", "whiskers", "eyes", "nose"], "B": ["wheels", "windows", "doors", "lights", "roof"]}
+    rows = []
+    for i in range(n_images):
+        for m in ("A", "B"):
+            for _ in range(samples):
+                pool = topics[m] if differ else topics["A"] + topics["B"]
+                rows.append({"image_id": f"i{i}", "method": m,
+                             "text": "the marked area shows " + " ".join(rng.choice(pool, 3, replace=False))})
+    return pd.DataFrame(rows)
+
+
+def test_sensitivity_finds_a_difference_by_method_and_none_where_there_is_none():
+    emb = Embedder("/nonexistent", fallback="tfidf")
+    yes = synthetic(True)
+    r = sensitivity(yes, emb(yes["text"].tolist()), ["image_id"], n_permutations=200)
+    assert r.p_value < 0.01 and r.statistic > 0.1 and r.effect_size > 1 and r.n_groups == 6
+    for seed in range(3):
+        no = synthetic(False, seed=seed)
+        r0 = sensitivity(no, emb(no["text"].tolist()), ["image_id"], n_permutations=200)
+        assert r0.p_value > 0.05 and abs(r0.effect_size) < 0.5
+    one_sample = synthetic(True, samples=1)
+    with pytest.raises(Exception, match="num_samples > 1"):
+        sensitivity(one_sample, emb(one_sample["text"].tolist()), ["image_id"], n_permutations=10)
+
+
+def test_sensitivity_command_over_a_real_sweep(tmp_path, cache_dir, trained_vit):
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from conftest import ROOT, run_harness
+
+    store = [f"tracking.uri=sqlite:///{tmp_path}/m.db", f"tracking.artifact_location={tmp_path}/a"]
+    r = run_harness("-m", "xai=random,saliency", "dataset.n=4", "metrics=[srg]", "mllm.decoding.num_samples=2",
+                    "mllm.decoding.do_sample=true", "experiment_name=study", f"paths.cache_dir={cache_dir}",
+                    f"language.cache_dir={tmp_path}/answers", f"hydra.sweep.dir={tmp_path}/sweep", *store)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = subprocess.run([sys.executable, "-m", "harness.sensitivity", "source_experiment=study", "n_permutations=200",
+                        f"hydra.run.dir={tmp_path}/sens", *store], capture_output=True, text=True, cwd=ROOT,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert s.returncode == 0, s.stderr[-3000:]
+    assert "XAI sensitivity over 4 groups (16 answers, tfidf)" in s.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = client.get_experiment_by_name("study")
+    (summary,) = [run for run in client.search_runs([exp.experiment_id]) if run.data.tags.get("kind") == "summary"]
+    m = summary.data.metrics
+    # the verbaliser's samples are identical (within = 0) and random vs saliency maps read differently
+    assert m["sensitivity_mean_within"] == pytest.approx(0, abs=1e-9) and m["sensitivity_mean_between"] > 0.01
+    assert m["sensitivity_p_value"] < 0.05 and summary.data.tags["verdict"] == "sensitive"
+    files = {f.path for f in client.list_artifacts(summary.info.run_id)}
+    assert {"sensitivity.png", "sensitivity.json", "sensitivity_groups.json"} <= files
+    bad = subprocess.run([sys.executable, "-m", "harness.sensitivity", "source_experiment=nope",
+                          f"hydra.run.dir={tmp_path}/sens2", *store], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 1 and "source_experiment='nope' does not exist" in bad.stderr
