@@ -117,7 +117,7 @@ def test_cache_by_content_and_json_answers(tmp_path):
 def test_language_stage_in_a_run_with_a_tiny_llava(tiny, tmp_path, cache_dir, trained_vit):
     args = ["xai=saliency", "dataset.n=3", "mllm=transformers", f"mllm.model={tiny['llava']}", "render=masked",
             "prompt=structured", "mllm.decoding.max_new_tokens=8", "mllm.decoding.min_new_tokens=8",
-            "metrics=[srg]", f"paths.cache_dir={cache_dir}", f"language.cache_dir={tmp_path}/answers",
+            "metrics=[srg]", "resume=false", f"paths.cache_dir={cache_dir}", f"language.cache_dir={tmp_path}/answers",
             f"tracking.uri=sqlite:///{tmp_path}/m.db", f"tracking.artifact_location={tmp_path}/a"]
     for i in range(2):
         r = run_harness(*args, f"hydra.run.dir={tmp_path}/run{i}")

@@ -14,7 +14,7 @@ def sweep(tmp_path_factory, cache_dir, trained_vit):
     tmp = tmp_path_factory.mktemp("sweep")
     # attnlrp runs before ig in the same process (the basic launcher runs jobs in order): ig's
     # maps must be those of ig alone, so a sweep is not poisoned by a method's patches.
-    r = run_harness("-m", "xai=random,attnlrp,ig", "dataset.n=6", "experiment_name=sweep-test",
+    r = run_harness("-m", "xai=random,attnlrp,ig", "dataset.n=6", "experiment_name=sweep-test", "cache.dir=null",
                     f"paths.cache_dir={cache_dir}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
                     f"tracking.artifact_location={tmp}/artifacts", f"hydra.sweep.dir={tmp}/sweep")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -121,3 +121,34 @@ def test_every_metric_family_in_one_run(tmp_path, cache_dir, trained_vit):
     curves = np.load(client.download_artifacts(run.info.run_id, "curves.npz", str(tmp_path)))
     assert curves["pixel_flipping_morf"].shape == (4, 9) and curves["road_morf"].shape == (4, 2)
     assert curves["region_perturbation_lerf"].shape == (4, 9)
+
+
+def test_stage_cache_and_resume(tmp_path, cache_dir, trained_vit):
+    """A second identical sweep is skipped job by job (resume); with resume off it recomputes
+    nothing that is cached, and its maps equal the first run's."""
+    store = [f"tracking.uri=sqlite:///{tmp_path}/m.db", f"tracking.artifact_location={tmp_path}/a",
+             f"paths.cache_dir={cache_dir}", f"cache.dir={tmp_path}/stages", f"language.cache_dir={tmp_path}/ans",
+             "dataset.n=3", "metrics=[srg]"]
+    runs = lambda: MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(  # noqa: E731
+        [e.experiment_id for e in MlflowClient(f"sqlite:///{tmp_path}/m.db").search_experiments()],
+        order_by=["attributes.start_time ASC"])
+    r = run_harness("-m", "xai=random,saliency", f"hydra.sweep.dir={tmp_path}/s1", *store)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = runs()
+    assert [x.data.metrics["cache_misses_attributions"] for x in first] == [1, 1]
+    assert [x.data.metrics["cache_hits_predictions"] for x in first] == [0, 1]  # same data and model
+    r = run_harness("-m", "xai=random,saliency", f"hydra.sweep.dir={tmp_path}/s2", *store)
+    assert r.returncode == 0 and (r.stdout + r.stderr).count("already finished as run") == 2
+    assert len(runs()) == 2  # nothing ran again
+    r = run_harness("xai=saliency", "resume=false", f"hydra.run.dir={tmp_path}/r3", *store)
+    assert r.returncode == 0, r.stderr[-3000:]
+    third = runs()[-1]
+    assert third.data.metrics["cache_hits_attributions"] == 1 and third.data.metrics["cache_hits_predictions"] == 1
+    assert third.data.metrics["answer_cache_hits"] == 3
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    saliency = next(x for x in first if x.data.tags["choice.xai"] == "saliency")
+    a = np.load(client.download_artifacts(saliency.info.run_id, "attributions.npz", str(tmp_path / "d1")))
+    b = np.load(client.download_artifacts(third.info.run_id, "attributions.npz", str(tmp_path / "d2")))
+    np.testing.assert_array_equal(a["attributions"], b["attributions"])
+    assert not list((tmp_path / "stages").rglob("*.tmp*"))
+    assert len(list((tmp_path / "stages" / "attributions").rglob("*.npz"))) == 2

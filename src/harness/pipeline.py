@@ -66,6 +66,17 @@ def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
                            f"a {arch.upper()}); xai options that do: {', '.join(methods_for(arch))}")
 
 
+def _finished_run(tracker: Any, config_hash: str) -> Any:
+    """A FINISHED run of the tracker's experiment with this config hash, or None."""
+    client = tracker.client()
+    exp = client.get_experiment_by_name(tracker.experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], max_results=1, filter_string=(
+        f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'"))
+    return runs[0] if runs else None
+
+
 def _aggregate(per_image: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
     """Mean, standard error and a 95 % percentile-bootstrap interval of the mean of each score
     over the images where it is finite (Efron & Tibshirani 1993)."""
@@ -174,8 +185,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
     t_start = time.perf_counter()
     if cfg.target not in ("label", "predicted"):
         raise HarnessError(f"target={cfg.target!r} is not valid; valid: label, predicted")
+    from harness.cache import digest
+
     tracker = build(cfg.tracking)
-    tags = {**_hydra_tags(), **package_versions(), **git_commit(PROJECT_ROOT), "seed": str(cfg.seed)}
+    config_hash = digest(to_plain(cfg))
+    if cfg.get("resume", False) and (done := _finished_run(tracker, config_hash)) is not None:
+        log.info("job already finished as run %s (same resolved config): skipped; resume=false runs it again",
+                 done.info.run_id)
+        return {**done.data.metrics, "skipped": 1.0}
+    tags = {**_hydra_tags(), **package_versions(), **git_commit(PROJECT_ROOT), "seed": str(cfg.seed),
+            "config_hash": config_hash}
     with tracker.start_run(cfg.run_name, tags=tags) as rec:
         rec.params(flatten(to_plain(cfg)))
         rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -197,15 +216,29 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if not data.has_masks:
             masks = None
         labels = torch.from_numpy(data.labels)
-        logits = model.predict(x)
+        from harness.cache import StageCache, digest, model_digest
+
+        cache = StageCache(cfg.cache.dir)
+        device = str(getattr(model, "mean", torch.zeros(0)).device.type)
+        pred_key = digest("predictions", x, labels.numpy(), list(data.ids), model_digest(model), device)
+        if (hit := cache.get("predictions", pred_key)) is not None:
+            logits = torch.from_numpy(hit["logits"])
+        else:
+            logits = model.predict(x)
+            cache.put("predictions", pred_key, {"logits": logits.numpy()})
         if logits.shape[1] != len(data.class_names):
             log.warning("model has %d outputs but the dataset names %d classes",
                         logits.shape[1], len(data.class_names))
         preds = logits.argmax(1)
         targets = labels if cfg.target == "label" else preds
 
+        attr_key = digest("attributions", pred_key, to_plain(cfg.xai), targets.numpy(), int(cfg.seed))
         t0 = time.perf_counter()
-        maps = explain(explainer, model, x, targets, int(cfg.batch_size))
+        if (hit := cache.get("attributions", attr_key)) is not None:
+            maps = hit["maps"]
+        else:
+            maps = explain(explainer, model, x, targets, int(cfg.batch_size))
+            cache.put("attributions", attr_key, {"maps": maps})
         explain_s = time.perf_counter() - t0
         results = evaluate(metrics, model, x, maps, targets, masks, explain_fn=lambda m, xx, tt: explain(
             explainer, m, xx, tt, int(cfg.batch_size), progress=False))
@@ -215,7 +248,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             "accuracy": float((preds == labels).float().mean()),
             "n_images": float(len(data)),
             "n_skipped": float(len(data.skipped)),
-            "explain_seconds_per_image": explain_s / len(data),
+            "explain_seconds_per_image": explain_s / len(data),  # a cache hit: the time to load the maps
+            **cache.counts(),
             "n_metric_errors": float(sum(len(r.errors) for r in results.values())),
             **{f"model_{k}": v for k, v in model.info.items()},
             **_aggregate(per_image),

@@ -1,0 +1,106 @@
+"""Stage outputs cached by content, so a sweep computes each prediction and attribution once.
+
+Predictions are keyed by (data, model), attributions by (data, model, xai, targets, device):
+each key is a SHA-256 over exactly the inputs that decide the output, namely the images' bytes,
+labels and ids, the model's weights (every tensor of its ``state_dict``) and resolved config,
+the explainer's resolved config and the seed. Any change misses; nothing else does. (The MLLM
+answers have their own content cache, :class:`harness.mllm.stage.AnswerCache`.) Entries are
+``.npz`` files written to a temporary name and renamed, so a job killed mid-write (even with
+SIGKILL) leaves no half entry. The cache can live beside the tracking store, on a shared disk,
+so jobs on other machines reuse each other's work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def digest(*parts: Any) -> str:
+    """SHA-256 of JSON-able parts, numpy arrays and tensors (by dtype, shape and bytes)."""
+    h = hashlib.sha256()
+
+    def feed(p: Any) -> None:
+        if isinstance(p, torch.Tensor):
+            p = p.detach().cpu().contiguous().numpy() if p.dtype != torch.bfloat16 else p.detach().float().cpu().numpy()
+        if isinstance(p, np.ndarray):
+            h.update(f"{p.dtype}{p.shape}".encode())
+            h.update(np.ascontiguousarray(p).tobytes())
+        elif isinstance(p, list | tuple) and any(isinstance(q, np.ndarray | torch.Tensor) for q in p):
+            for q in p:
+                feed(q)
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+
+    for part in parts:
+        feed(part)
+    return h.hexdigest()
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """Content hash of a model's weights and buffers (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(digest(t).encode())
+    return h.hexdigest()
+
+
+class StageCache:
+    """``get``/``put`` of named arrays per stage and key under ``root/<stage>/<key[:2]>/<key>.npz``
+    (``root=None``: disabled, every lookup misses). Counts hits and misses per stage."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = None if root is None else Path(root)
+        self.hits: Counter[str] = Counter()
+        self.misses: Counter[str] = Counter()
+
+    def _path(self, stage: str, key: str) -> Path:
+        assert self.root is not None
+        return self.root / stage / key[:2] / f"{key}.npz"
+
+    def get(self, stage: str, key: str) -> dict[str, np.ndarray] | None:
+        if self.root is not None:
+            path = self._path(stage, key)
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    out = {k: z[k] for k in z.files}
+                self.hits[stage] += 1
+                return out
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as e:
+                log.warning("cache entry %s is unreadable (%s): computing again", path, e)
+        self.misses[stage] += 1
+        return None
+
+    def put(self, stage: str, key: str, arrays: dict[str, np.ndarray]) -> None:
+        if self.root is None:
+            return
+        path = self._path(stage, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def counts(self) -> dict[str, float]:
+        """``cache_hits_<stage>`` and ``cache_misses_<stage>`` for every stage looked up."""
+        stages = sorted(set(self.hits) | set(self.misses))
+        return {**{f"cache_hits_{s}": float(self.hits[s]) for s in stages},
+                **{f"cache_misses_{s}": float(self.misses[s]) for s in stages}}
