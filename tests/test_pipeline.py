@@ -92,6 +92,21 @@ def test_method_the_model_cannot_serve_is_refused_before_work(tmp_path):
     assert "gradcam" in r.stderr and "rollout" not in r.stderr.split("do:")[1] and "Traceback" not in r.stderr
 
 
+def test_a_poisoned_job_does_not_stop_the_sweep(tmp_path):
+    """One job fails (a method the model cannot serve): the other finishes, and the sweep ends
+    with a summary that counts them."""
+    r = run_harness("-m", "model=timm", "model.name=resnet18", "model.num_classes=4", "model.input_size=32",
+                    "xai=rollout,random", "dataset.n=2", "metrics=[srg]", "~mllm",
+                    f"tracking.uri=sqlite:///{tmp_path}/m.db", f"tracking.artifact_location={tmp_path}/a",
+                    f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(["1"])
+    assert sorted(x.info.status for x in runs) == ["FAILED", "FINISHED"]
+    assert "sweep: 2 jobs: 1 finished, 0 skipped (already finished), 1 failed" in r.stdout
+    summary = json.load(open(tmp_path / "sweep" / "sweep_summary.json"))
+    assert summary["failed"] == 1 and summary["seconds"]["explain"] >= 0
+
+
 def test_every_metric_family_in_one_run(tmp_path, cache_dir, trained_vit):
     """All metric families through `python -m harness`: finite scores, curves, and each score's
     family and direction recorded for reports."""
@@ -134,11 +149,14 @@ def test_stage_cache_and_resume(tmp_path, cache_dir, trained_vit):
         order_by=["attributes.start_time ASC"])
     r = run_harness("-m", "xai=random,saliency", f"hydra.sweep.dir={tmp_path}/s1", *store)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "sweep: 2 jobs: 2 finished, 0 skipped (already finished), 0 failed" in r.stdout
+    assert "hits_predictions 1" in r.stdout and "misses_attributions 2" in r.stdout
     first = runs()
     assert [x.data.metrics["cache_misses_attributions"] for x in first] == [1, 1]
     assert [x.data.metrics["cache_hits_predictions"] for x in first] == [0, 1]  # same data and model
     r = run_harness("-m", "xai=random,saliency", f"hydra.sweep.dir={tmp_path}/s2", *store)
     assert r.returncode == 0 and (r.stdout + r.stderr).count("already finished as run") == 2
+    assert "sweep: 2 jobs: 0 finished, 2 skipped (already finished), 0 failed" in r.stdout
     assert len(runs()) == 2  # nothing ran again
     r = run_harness("xai=saliency", "resume=false", f"hydra.run.dir={tmp_path}/r3", *store)
     assert r.returncode == 0, r.stderr[-3000:]

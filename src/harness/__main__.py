@@ -15,12 +15,19 @@ def main(cfg: DictConfig) -> None:
 
     from harness.pipeline import run
 
+    multirun = str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
     try:
         run(cfg)
     except HarnessError as e:
         print(f"harness: error: {e}", file=sys.stderr)  # the run itself records it as FAILED
-        if str(HydraConfig.get().mode) != "RunMode.MULTIRUN":
+        if not multirun:
             sys.exit(1)  # single run: a clean message and a non-zero exit, no traceback
+    except Exception:  # a crashing job in a sweep: recorded as FAILED, the sweep goes on
+        if not multirun:
+            raise
+        import traceback
+
+        print(f"harness: job failed:\n{traceback.format_exc()}", file=sys.stderr)
 
 
 if __name__ == "__main__":

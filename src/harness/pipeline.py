@@ -66,6 +66,20 @@ def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
                            f"a {arch.upper()}); xai options that do: {', '.join(methods_for(arch))}")
 
 
+def _mark_skipped(run_id: str) -> None:
+    """Leave ``skipped.json`` in the job's Hydra output folder, for the sweep summary."""
+    import json
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except (ImportError, ValueError):
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "skipped.json").write_text(json.dumps({"finished_run": run_id}))
+
+
 def _finished_run(tracker: Any, config_hash: str) -> Any:
     """A FINISHED run of the tracker's experiment with this config hash, or None."""
     client = tracker.client()
@@ -192,6 +206,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("resume", False) and (done := _finished_run(tracker, config_hash)) is not None:
         log.info("job already finished as run %s (same resolved config): skipped; resume=false runs it again",
                  done.info.run_id)
+        _mark_skipped(done.info.run_id)
         return {**done.data.metrics, "skipped": 1.0}
     tags = {**_hydra_tags(), **package_versions(), **git_commit(PROJECT_ROOT), "seed": str(cfg.seed),
             "config_hash": config_hash}
@@ -219,6 +234,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         from harness.cache import StageCache, digest, model_digest
 
         cache = StageCache(cfg.cache.dir)
+        t_stage = time.perf_counter()
         device = str(getattr(model, "mean", torch.zeros(0)).device.type)
         pred_key = digest("predictions", x, labels.numpy(), list(data.ids), model_digest(model), device)
         if (hit := cache.get("predictions", pred_key)) is not None:
@@ -226,6 +242,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         else:
             logits = model.predict(x)
             cache.put("predictions", pred_key, {"logits": logits.numpy()})
+        predict_s = time.perf_counter() - t_stage
         if logits.shape[1] != len(data.class_names):
             log.warning("model has %d outputs but the dataset names %d classes",
                         logits.shape[1], len(data.class_names))
@@ -240,9 +257,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
             maps = explain(explainer, model, x, targets, int(cfg.batch_size))
             cache.put("attributions", attr_key, {"maps": maps})
         explain_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
         results = evaluate(metrics, model, x, maps, targets, masks, explain_fn=lambda m, xx, tt: explain(
             explainer, m, xx, tt, int(cfg.batch_size), progress=False))
 
+        metrics_s = time.perf_counter() - t0
         per_image = {k: v for r in results.values() for k, v in r.scores.items()}
         summary = {
             "accuracy": float((preds == labels).float().mean()),
@@ -254,6 +273,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             **{f"model_{k}": v for k, v in model.info.items()},
             **_aggregate(per_image),
         }
+        t0 = time.perf_counter()
         records, text_scores, text_info = (language_stage(cfg, language, data, x, maps, preds, logits, masks, rec)
                                            if language else ([], {}, {}))
         if records:
@@ -261,6 +281,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
             summary.update(language_summary(records, cfg.prompt.get("response_format") == "json"))
             summary.update(_aggregate(text_scores))
+        summary.update(seconds_predict=predict_s, seconds_explain=explain_s, seconds_metrics=metrics_s,
+                       seconds_language=time.perf_counter() - t0)
         info = {**score_info(metrics, results), **text_info}
         rec.tags({f"{k}.{score}": str(v).lower() for score, i in info.items()
                   for k, v in i.items() if k != "metric"})
