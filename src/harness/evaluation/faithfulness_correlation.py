@@ -49,7 +49,7 @@ class FaithfulnessCorrelation:
     needs_masks: ClassVar[bool] = False
 
     def __init__(self, nr_runs: int = 100, subset_size: int = 224, replacement: float | str = "model_mean",
-                 output: str = "softmax", batch_size: int = 512, seed: int = 0,
+                 output: str = "softmax", batch_size: int = 128, seed: int = 0,
                  name: str = "faithfulness_correlation") -> None:
         self.name = str(name)
         self.nr_runs, self.subset_size = int(nr_runs), int(subset_size)

@@ -169,7 +169,7 @@ class SRG(_Removal):
     higher_is_better: ClassVar[bool] = True
 
     def __init__(self, patch_size: int = 4, steps: int | None = 16, replacement: float | str = "model_mean",
-                 output: str = "logit", batch_size: int = 512, name: str = "srg") -> None:
+                 output: str = "logit", batch_size: int = 128, name: str = "srg") -> None:
         super().__init__(patch_size, replacement, output, batch_size, name)
         self.steps = steps
 
@@ -217,7 +217,7 @@ class PixelFlipping(_Removal):
     orders = ("morf",)
 
     def __init__(self, patch_size: int = 1, steps: int | None = 64, replacement: float | str = "model_mean",
-                 output: str = "softmax", batch_size: int = 512, name: str = "pixel_flipping") -> None:
+                 output: str = "softmax", batch_size: int = 128, name: str = "pixel_flipping") -> None:
         super().__init__(patch_size, replacement, output, batch_size, name)
         self.steps = steps
 
@@ -259,7 +259,7 @@ class RegionPerturbation(_Removal):
     higher_is_better: ClassVar[bool] = True
 
     def __init__(self, patch_size: int = 8, regions: int = 100, orders: tuple[str, ...] | list[str] = ORDERS,
-                 replacement: float | str = "model_mean", output: str = "softmax", batch_size: int = 512,
+                 replacement: float | str = "model_mean", output: str = "softmax", batch_size: int = 128,
                  name: str = "region_perturbation") -> None:
         super().__init__(patch_size, replacement, output, batch_size, name)
         self.regions = int(regions)

@@ -62,7 +62,7 @@ class ROAD:
     needs_masks: ClassVar[bool] = False
 
     def __init__(self, percentages: list[float] | tuple[float, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90),
-                 noise: float = 0.01, orders: list[str] | tuple[str, ...] = ("morf",), batch_size: int = 256,
+                 noise: float = 0.01, orders: list[str] | tuple[str, ...] = ("morf",), batch_size: int = 128,
                  seed: int = 0, name: str = "road") -> None:
         self.name = str(name)
         self.percentages = np.asarray(list(percentages), dtype=np.float64)
