@@ -267,6 +267,21 @@ def _output_dir(cfg: DictConfig) -> Path:
         return Path.cwd()
 
 
+def benchmark_inputs(cfg: DictConfig) -> tuple[Any, torch.nn.Module, int]:
+    """The dataset, the model and the number of images to time, with the shared checks."""
+    from harness.pipeline import build
+
+    if int(cfg.n_images) < 1:
+        raise HarnessError(f"n_images={cfg.n_images} must be at least 1")
+    if cfg.target not in ("label", "predicted"):
+        raise HarnessError(f"target={cfg.target!r} is not valid; valid: label, predicted")
+    seed_everything(cfg.seed)
+    data = build(cfg.dataset)
+    if len(data) == 0:
+        raise HarnessError("the dataset yielded no images")
+    return data, build(cfg.model), min(int(cfg.n_images), len(data))
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Benchmark every method of ``cfg.methods``; print the table, write CSV and markdown."""
     from tqdm.auto import tqdm
@@ -277,16 +292,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     logging.getLogger("shap").setLevel(logging.WARNING)  # KernelExplainer logs every solve at INFO
     nodes = compose_methods(cfg)  # config errors before any work
     explainers = {name: build(node) for name, node in nodes.items()}
-    if int(cfg.n_images) < 1:
-        raise HarnessError(f"n_images={cfg.n_images} must be at least 1")
-    if cfg.target not in ("label", "predicted"):
-        raise HarnessError(f"target={cfg.target!r} is not valid; valid: label, predicted")
-    seed_everything(cfg.seed)
-    data = build(cfg.dataset)
-    if len(data) == 0:
-        raise HarnessError("the dataset yielded no images")
-    model = build(cfg.model)
-    n = min(int(cfg.n_images), len(data))
+    data, model, n = benchmark_inputs(cfg)
     x, _ = model.preprocess(data.images[:n])
     x = x.to(model_device(model))
     labels = torch.from_numpy(data.labels[:n]).to(x.device)

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from harness import CONF_DIR
-from harness.benchmark.core import GOAL_RAW, _fmt, _hydra, _output_dir, _timed, finish_row, raw_passes
+from harness.benchmark.core import GOAL_RAW, _fmt, _hydra, _output_dir, _timed, benchmark_inputs, finish_row, raw_passes
 from harness.types import HarnessError
 from harness.utils import seed_everything, to_plain
 
@@ -184,20 +184,16 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
     nodes = compose_metrics(cfg)  # config errors before any work
     metrics = {name: build(node) for name, node in nodes.items()}
-    if int(cfg.n_images) < 1:
-        raise HarnessError(f"n_images={cfg.n_images} must be at least 1")
-    seed_everything(cfg.seed)
-    data = build(cfg.dataset)
-    if len(data) == 0:
-        raise HarnessError("the dataset yielded no images")
-    model = build(cfg.model)
+    data, model, n = benchmark_inputs(cfg)
     explainer = build(cfg.xai)
     _check_capabilities(explainer, model)
-    n = min(int(cfg.n_images), len(data))
     x, masks = model.preprocess(data.images[:n], data.masks[:n] if data.masks is not None else None)
     masks = masks if data.has_masks else None
     x = x.to(model_device(model))
     t = torch.from_numpy(data.labels[:n]).to(x.device)
+    if cfg.target == "predicted":
+        with torch.no_grad():
+            t = model(x).argmax(1)
     explain_fn = lambda m, xx, tt: explain(explainer, m, xx, tt, int(cfg.batch_size), progress=False)  # noqa: E731
     explain_fn(model, x[:1], t[:1])  # warm-up
     explain_s = min(_timed(lambda: explain_fn(model, x, t), x.device) for _ in range(max(1, int(cfg.repeats)))) / n
