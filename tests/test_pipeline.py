@@ -15,6 +15,7 @@ def sweep(tmp_path_factory, cache_dir, trained_vit):
     # attnlrp runs before ig in the same process (the basic launcher runs jobs in order): ig's
     # maps must be those of ig alone, so a sweep is not poisoned by a method's patches.
     r = run_harness("-m", "xai=random,attnlrp,ig", "dataset.n=6", "experiment_name=sweep-test", "cache.dir=null",
+                    "isolation=never",  # the scoped patches alone must keep ig clean
                     f"paths.cache_dir={cache_dir}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
                     f"tracking.artifact_location={tmp}/artifacts", f"hydra.sweep.dir={tmp}/sweep")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""A job logs to a real ``mlflow server`` on 127.0.0.1 exactly as to the embedded store."""
+"""Jobs log to a real ``mlflow server`` on 127.0.0.1 exactly as to the embedded store."""
 
 import socket
 import subprocess
@@ -42,15 +42,21 @@ def server(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def test_job_logs_to_server(server, cache_dir, trained_vit, tmp_path):
-    r = run_harness("tracking=server", f"tracking.uri={server}", "dataset.n=4", "xai=random",
-                    "experiment_name=server-test", f"paths.cache_dir={cache_dir}",
-                    f"hydra.run.dir={tmp_path}/out")
+def test_sweep_logs_to_server(server, cache_dir, trained_vit, tmp_path):
+    """A 2-job sweep: every run, param, metric and artifact arrives at the server."""
+    r = run_harness("-m", "tracking=server", f"tracking.uri={server}", "dataset.n=4", "xai=random,saliency",
+                    "experiment_name=server-test", f"paths.cache_dir={cache_dir}", f"cache.dir={tmp_path}/stages",
+                    f"language.cache_dir={tmp_path}/answers", f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "sweep: 2 jobs: 2 finished" in r.stdout
     client = MlflowClient(server)
-    (run,) = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.metrics["n_images"] == 4
-    assert run.data.params["tracking.uri"] == server
-    files = {f.path for f in client.list_artifacts(run.info.run_id)}
-    assert {"attributions.npz", "per_image.json", "config.yaml", "overlays"} <= files
-    assert len(client.list_artifacts(run.info.run_id, "overlays")) == 4
+    runs = client.search_runs([client.get_experiment_by_name("server-test").experiment_id])
+    assert sorted(x.data.tags["choice.xai"] for x in runs) == ["random", "saliency"]
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.metrics["n_images"] == 4
+        assert run.data.params["tracking.uri"] == server and run.data.params["dataset.n"] == "4"
+        assert {"srg", "srg_ci95_low", "pointing_game", "flesch_reading_ease", "n_answers"} <= set(run.data.metrics)
+        files = {f.path for f in client.list_artifacts(run.info.run_id)}
+        assert {"attributions.npz", "per_image.json", "config.yaml", "overlays", "rendered", "answers.jsonl",
+                "metric_info.json", "curves.npz"} <= files
+        assert len(client.list_artifacts(run.info.run_id, "overlays")) == 4

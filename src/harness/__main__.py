@@ -13,11 +13,13 @@ from harness.types import HarnessError
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from harness.pipeline import run
+    from harness.isolation import run_isolated, wants_isolation
+    from harness.pipeline import hydra_context, run
 
     multirun = str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
     try:
-        run(cfg)
+        context = hydra_context()
+        run_isolated(cfg, context) if wants_isolation(cfg) else run(cfg, context)
     except HarnessError as e:
         print(f"harness: error: {e}", file=sys.stderr)  # the run itself records it as FAILED
         if not multirun:

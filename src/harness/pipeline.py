@@ -21,20 +21,25 @@ log = logging.getLogger(__name__)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _hydra_tags() -> dict[str, str]:
+def hydra_context() -> dict[str, Any]:
+    """What a job needs from Hydra's runtime, as plain data (so a job can also run in a child
+    process): run tags, the option chosen for each group, and the job's output folder."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
     except (ImportError, ValueError):
-        return {}
+        return {"tags": {}, "choices": {}, "output_dir": None}
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    choices = {group: str(option) for group, option in hc.runtime.choices.items()
+               if "/" not in group and option is not None}
     return {
-        "sweep_id": hc.sweep.dir if multirun else hc.run.dir,
-        "hydra_job_num": str(hc.job.num) if multirun else "0",
-        "hydra_overrides": " ".join(hc.overrides.task),
-        **{f"choice.{group}": str(option) for group, option in hc.runtime.choices.items()
-           if "/" not in group and option is not None},
+        "tags": {"sweep_id": hc.sweep.dir if multirun else hc.run.dir,
+                 "hydra_job_num": str(hc.job.num) if multirun else "0",
+                 "hydra_overrides": " ".join(hc.overrides.task),
+                 **{f"choice.{group}": option for group, option in choices.items()}},
+        "choices": choices,
+        "output_dir": str(hc.runtime.output_dir),
     }
 
 
@@ -66,16 +71,13 @@ def _check_capabilities(explainer: Any, model: torch.nn.Module) -> None:
                            f"a {arch.upper()}); xai options that do: {', '.join(methods_for(arch))}")
 
 
-def _mark_skipped(run_id: str) -> None:
+def _mark_skipped(run_id: str, output_dir: str | None) -> None:
     """Leave ``skipped.json`` in the job's Hydra output folder, for the sweep summary."""
     import json
 
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        out = Path(HydraConfig.get().runtime.output_dir)
-    except (ImportError, ValueError):
+    if output_dir is None:
         return
+    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "skipped.json").write_text(json.dumps({"finished_run": run_id}))
 
@@ -192,10 +194,12 @@ def score_info(metrics: dict[str, Any], results: dict[str, MetricOutput]) -> dic
             for name, r in results.items() for score in r.scores}
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Run one job described by ``cfg`` and return its aggregate metrics."""
+def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, float]:
+    """Run one job described by ``cfg`` and return its aggregate metrics. ``context`` is
+    :func:`hydra_context` (taken from Hydra's runtime when not given)."""
     from harness.tracking.mlflow_tracker import flatten, git_commit, package_versions
 
+    context = hydra_context() if context is None else context
     t_start = time.perf_counter()
     if cfg.target not in ("label", "predicted"):
         raise HarnessError(f"target={cfg.target!r} is not valid; valid: label, predicted")
@@ -206,9 +210,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("resume", False) and (done := _finished_run(tracker, config_hash)) is not None:
         log.info("job already finished as run %s (same resolved config): skipped; resume=false runs it again",
                  done.info.run_id)
-        _mark_skipped(done.info.run_id)
+        _mark_skipped(done.info.run_id, context["output_dir"])
         return {**done.data.metrics, "skipped": 1.0}
-    tags = {**_hydra_tags(), **package_versions(), **git_commit(PROJECT_ROOT), "seed": str(cfg.seed),
+    tags = {**context["tags"], **package_versions(), **git_commit(PROJECT_ROOT), "seed": str(cfg.seed),
             "config_hash": config_hash}
     with tracker.start_run(cfg.run_name, tags=tags) as rec:
         rec.params(flatten(to_plain(cfg)))
@@ -274,7 +278,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             **_aggregate(per_image),
         }
         t0 = time.perf_counter()
-        records, text_scores, text_info = (language_stage(cfg, language, data, x, maps, preds, logits, masks, rec)
+        records, text_scores, text_info = (language_stage(cfg, language, data, x, maps, preds, logits, masks, rec,
+                                                          context["choices"])
                                            if language else ([], {}, {}))
         if records:
             from harness.mllm.stage import summary as language_summary
@@ -295,7 +300,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 def language_stage(cfg: DictConfig, language: tuple[Any, Any, Any, dict[str, Any]], data: ImageSet,
                    x: torch.Tensor, maps: np.ndarray, preds: torch.Tensor, logits: torch.Tensor, masks: Any,
-                   rec: Any) -> tuple[list, dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+                   rec: Any, choices: dict[str, str] | None = None,
+                   ) -> tuple[list, dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Render the first ``language.n_images`` explanations with the ``(renderer, prompt, mllm,
     text_metrics)`` of ``language``, ask the MLLM about each, score the answers, and log the
     rendered images (``rendered/``) and the answers with their scores (table ``answers.json``,
@@ -317,8 +323,9 @@ def language_stage(cfg: DictConfig, language: tuple[Any, Any, Any, dict[str, Any
     n = len(data) if cfg.language.n_images is None else min(len(data), int(cfg.language.n_images))
     names = data.class_names
     probs = logits.softmax(1)
-    method = str(cfg.language.method_name or _choice("xai", cfg.xai._target_))
-    classifier = str(_choice("model", cfg.model._target_))
+    choices = choices or {}
+    method = str(cfg.language.method_name or choices.get("xai", str(cfg.xai._target_).rsplit(".", 1)[-1]))
+    classifier = choices.get("model", str(cfg.model._target_).rsplit(".", 1)[-1])
     requests, files = [], []
     with rec.folder("rendered") as tmp:
         for i in range(n):
@@ -353,16 +360,6 @@ def language_stage(cfg: DictConfig, language: tuple[Any, Any, Any, dict[str, Any
                            "parsed": json.dumps(r["parsed"]) if r["parsed"] is not None else ""} for r in rows])
     rec.table(table, "answers.json")
     return records, scores, info
-
-
-def _choice(group: str, target: str) -> str:
-    """The option chosen for a config group (``xai`` -> ``lime``), or the class name outside Hydra."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return str(HydraConfig.get().runtime.choices[group])
-    except (ImportError, ValueError, KeyError):
-        return str(target).rsplit(".", 1)[-1]
 
 
 def _log_outputs(rec, cfg, data: ImageSet, x: torch.Tensor, maps: np.ndarray, labels, preds, targets,

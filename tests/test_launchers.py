@@ -1,0 +1,22 @@
+"""Parallel jobs with Hydra's joblib launcher into one SQLite store."""
+
+from mlflow import MlflowClient
+
+from conftest import run_harness
+
+
+def test_joblib_three_jobs_two_workers_one_sqlite_store(tmp_path, cache_dir, trained_vit):
+    r = run_harness("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "xai=random,saliency,ixg",
+                    "dataset.n=3", "metrics=[srg]", f"paths.cache_dir={cache_dir}", f"cache.dir={tmp_path}/stages",
+                    f"language.cache_dir={tmp_path}/answers", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                    f"tracking.artifact_location={tmp_path}/a", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sweep: 3 jobs: 3 finished, 0 skipped (already finished), 0 failed" in r.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(x.data.tags["choice.xai"] for x in runs) == ["ixg", "random", "saliency"]
+    for run in runs:
+        assert run.info.status == "FINISHED" and run.data.metrics["n_images"] == 3
+        files = {f.path for f in client.list_artifacts(run.info.run_id)}
+        assert {"attributions.npz", "per_image.json", "answers.jsonl"} <= files
+    assert len({x.data.tags["hydra_job_num"] for x in runs}) == 3
