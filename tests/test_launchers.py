@@ -20,3 +20,18 @@ def test_joblib_three_jobs_two_workers_one_sqlite_store(tmp_path, cache_dir, tra
         files = {f.path for f in client.list_artifacts(run.info.run_id)}
         assert {"attributions.npz", "per_image.json", "answers.jsonl"} <= files
     assert len({x.data.tags["hydra_job_num"] for x in runs}) == 3
+
+
+def test_submitit_local_executor_runs_the_sweep(tmp_path, cache_dir, trained_vit):
+    """The SLURM launcher's code path, with submitit's local executor: each job in its own process."""
+    r = run_harness("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "xai=random,saliency",
+                    "dataset.n=2", "metrics=[srg]", "~mllm", f"paths.cache_dir={cache_dir}",
+                    f"cache.dir={tmp_path}/stages", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                    f"tracking.artifact_location={tmp_path}/a", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sweep: 2 jobs: 2 finished, 0 skipped (already finished), 0 failed" in r.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(x.data.tags["choice.xai"] for x in runs) == ["random", "saliency"]
+    assert all(x.info.status == "FINISHED" for x in runs)
+    assert list((tmp_path / "sweep" / ".submitit").iterdir())  # submitit's own job folders
