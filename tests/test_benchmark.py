@@ -212,3 +212,17 @@ def test_metric_benchmark_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "harness.benchmark.metrics", "metric_names=[srg,nope]"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert bad.returncode == 1 and "unknown metric(s) 'nope'" in bad.stderr and "valid:" in bad.stderr
+
+
+def test_sweep_benchmark_counts_what_each_run_computed(tmp_path, cache_dir, trained_vit):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "harness.benchmark.sweep", f"output_dir={tmp_path}/bench",
+                        f"hydra.run.dir={tmp_path}/hydra",
+                        f'sweep=["xai=random,saliency","prompt=paper,general_audience","dataset.n=2","paths.cache_dir={cache_dir}"]'],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
+            if line.split() and line.split()[0] in ("predictions", "attributions", "answers")}
+    # M=1 X=2 L=1 P=2 N=2: 2 predictions, 4 attributions, 8 answers; the second run computes nothing
+    assert rows == {"predictions": ["2", "2", "0"], "attributions": ["4", "4", "0"], "answers": ["8", "8", "0"]}
+    assert "run 2 0 new runs" in r.stdout and "ratio" in r.stdout
