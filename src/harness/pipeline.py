@@ -157,8 +157,10 @@ def evaluate(metrics: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, m
     one that re-explains inputs (``needs_explainer``) gets ``explain_fn(model, x, targets)``. A
     metric that fails is retried image by image: the images it fails on score NaN, and the
     reasons are kept in ``MetricOutput.errors``."""
+    from tqdm.auto import tqdm
+
     out = {}
-    for name, metric in metrics.items():
+    for name, metric in tqdm(metrics.items(), desc="metrics", disable=None if len(metrics) > 1 else True):
         if getattr(metric, "needs_masks", False) and masks is None:
             log.warning("metric %s needs ground-truth masks and this dataset has none: skipped", name)
             continue
