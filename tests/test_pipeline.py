@@ -151,6 +151,7 @@ def test_stage_cache_and_resume(tmp_path, cache_dir, trained_vit):
     r = run_harness("-m", "xai=random,saliency", f"hydra.sweep.dir={tmp_path}/s1", *store)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sweep: 2 jobs: 2 finished, 0 skipped (already finished), 0 failed" in r.stdout
+    assert "sweep: job 1 of 2 (xai=random" in r.stderr and "sweep: job 2 of 2 (xai=saliency" in r.stderr
     assert "hits_predictions 1" in r.stdout and "misses_attributions 2" in r.stdout
     first = runs()
     assert [x.data.metrics["cache_misses_attributions"] for x in first] == [1, 1]

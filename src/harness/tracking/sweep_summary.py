@@ -38,9 +38,46 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def sweep_size(overrides: list[str]) -> int | None:
+    """Jobs a basic sweep over these command-line overrides launches (None if unknown)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        n = 1
+        for o in parsed:
+            if o.is_sweep_override():
+                n *= len(list(o.sweep_iterator()))
+        return n
+    except Exception:  # noqa: BLE001 - range/interval sweeps of other sweepers: no count
+        return None
+
+
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, read the sweep's runs from MLflow (tag
-    ``sweep_id``), print the summary and write ``sweep_summary.json`` into the sweep folder."""
+    """Hydra callback: a progress line as each job of a sweep starts (``sweep: job k of n``, also
+    from joblib and submitit workers: the count is read from the sweep folder), and at the end
+    the summary read from the sweep's runs in MLflow (tag ``sweep_id``), printed and written to
+    ``sweep_summary.json`` in the sweep folder."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        n = sweep_size(list(config.hydra.overrides.task))
+        sweep = Path(config.hydra.sweep.dir)
+        sweep.mkdir(parents=True, exist_ok=True)
+        (sweep / "sweep_jobs.json").write_text(json.dumps({"jobs": n}))
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        import sys
+
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            hc = HydraConfig.get()
+            if str(hc.mode) != "RunMode.MULTIRUN":
+                return
+            n = json.loads((Path(hc.sweep.dir) / "sweep_jobs.json").read_text()).get("jobs")
+        except (ValueError, OSError):
+            return
+        print(f"sweep: job {hc.job.num + 1} of {n or '?'} ({' '.join(hc.overrides.task)})", file=sys.stderr)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from hydra.utils import instantiate
