@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import tempfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from harness import CONF_DIR
-from harness.types import HarnessError
+from harness.types import HarnessError, exit_cleanly
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +77,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sensitivity")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except HarnessError as e:
-        print(f"harness.sensitivity: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    exit_cleanly("harness.sensitivity", run, cfg)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -12,6 +13,18 @@ class HarnessError(Exception):
 
     The entry point prints its message without a traceback.
     """
+
+
+def exit_cleanly(prog: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` for a command-line entry point: a :class:`HarnessError` becomes
+    ``<prog>: error: <message>`` on stderr and exit status 1, without a traceback."""
+    import sys
+
+    try:
+        return fn(*args)
+    except HarnessError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 @dataclass

@@ -6,18 +6,14 @@ import hydra
 from omegaconf import DictConfig
 
 from harness import CONF_DIR
-from harness.types import HarnessError
+from harness.types import exit_cleanly
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="benchmark")
 def main(cfg: DictConfig) -> None:
     from harness.benchmark.core import run
 
-    try:
-        rows = run(cfg)
-    except HarnessError as e:
-        print(f"harness.benchmark: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    rows = exit_cleanly("harness.benchmark", run, cfg)
     failed = [r["method"] for r in rows if r["status"] == "error"]
     if failed:
         print(f"harness.benchmark: error: method(s) failed: {', '.join(failed)}", file=sys.stderr)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -32,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness import CONF_DIR
 from harness.benchmark.core import GOAL_RAW, _fmt, _hydra, _output_dir, _timed, benchmark_inputs, finish_row, raw_passes
-from harness.types import HarnessError
+from harness.types import HarnessError, exit_cleanly
 from harness.utils import seed_everything, to_plain
 
 log = logging.getLogger(__name__)
@@ -228,11 +227,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="benchmark_metrics")
 def main(cfg: DictConfig) -> None:
-    try:
-        rows = run(cfg)
-    except HarnessError as e:
-        print(f"harness.benchmark.metrics: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    rows = exit_cleanly("harness.benchmark.metrics", run, cfg)
     if failed := [r["metric"] for r in rows if r["status"] == "error"]:
         print(f"harness.benchmark.metrics: error: metric(s) failed: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from harness import CONF_DIR
-from harness.types import HarnessError
+from harness.types import HarnessError, exit_cleanly
 
 GOAL = 0.05
 
@@ -83,11 +83,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="benchmark_sweep")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except HarnessError as e:
-        print(f"harness.benchmark.sweep: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    exit_cleanly("harness.benchmark.sweep", run, cfg)
 
 
 if __name__ == "__main__":
