@@ -395,7 +395,9 @@ def _log_outputs(rec, cfg, data: ImageSet, x: torch.Tensor, maps: np.ndarray, la
         rec.text("image_id\tmetric\treason\n" + "\n".join("\t".join(e) for e in errors), "metric_errors.tsv")
     with rec.folder() as tmp:
         np.savez_compressed(tmp / "attributions.npz", attributions=maps, image_ids=np.array(data.ids),
-                            labels=labels.numpy(), predictions=preds.numpy(), targets=targets.numpy())
+                            labels=labels.numpy(), predictions=preds.numpy(), targets=targets.numpy(),
+                            inputs=(x.numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8),
+                            class_names=np.array(names))
         curves = {k: v for r in results.values() for k, v in r.curves.items()}
         curves.update({f"{name}_x": r.curve_x for name, r in results.items() if r.curve_x is not None})
         if curves:

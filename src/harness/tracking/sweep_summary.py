@@ -38,11 +38,15 @@ def format_summary(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def sweep_size(overrides: list[str]) -> int | None:
-    """Jobs a basic sweep over these command-line overrides launches (None if unknown)."""
+def sweep_size(overrides: list[str], params: dict[str, str] | None = None) -> int | None:
+    """Jobs a basic sweep over these command-line overrides and the config's
+    ``hydra.sweeper.params`` (where the command line does not set the same key) launches (None
+    if unknown)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
+        keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+        overrides = [*overrides, *(f"{k}={v}" for k, v in (params or {}).items() if k not in keys)]
         parsed = OverridesParser.create().parse_overrides(list(overrides))
         n = 1
         for o in parsed:
@@ -60,7 +64,7 @@ class SweepSummary(Callback):
     ``sweep_summary.json`` in the sweep folder."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        n = sweep_size(list(config.hydra.overrides.task))
+        n = sweep_size(list(config.hydra.overrides.task), dict(config.hydra.sweeper.get("params") or {}))
         sweep = Path(config.hydra.sweep.dir)
         sweep.mkdir(parents=True, exist_ok=True)
         (sweep / "sweep_jobs.json").write_text(json.dumps({"jobs": n}))

@@ -1,0 +1,159 @@
+"""``python -m harness.report``: the tables and figures of finished sweeps (``conf/report.yaml``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from harness import CONF_DIR
+from harness.types import HarnessError, exit_cleanly
+
+log = logging.getLogger(__name__)
+
+
+def _figure1_runs(sweep, cfg: DictConfig) -> list[str]:
+    from harness.report.load import newest, order_methods
+
+    runs = sweep.runs
+    if cfg.figure1.runs:
+        ids = []
+        for ref in cfg.figure1.runs:
+            hit = runs[(runs["run_id"] == str(ref)) | (runs["run_name"] == str(ref))]
+            if hit.empty:
+                raise HarnessError(f"figure1.runs: no finished run with id or name {ref!r}")
+            ids.append(hit["run_id"].iloc[-1])
+        return ids
+    spoken = newest(runs[runs["mllm"] != "none"], ["xai"])
+    methods = [m for m in order_methods(list(spoken["xai"]), cfg.methods) if m != "random"] or list(spoken["xai"])
+    return [spoken.loc[spoken["xai"] == m, "run_id"].iloc[-1] for m in methods[: int(cfg.figure1.n_runs)]]
+
+
+def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[str], str]:
+    """Write every table and figure into ``out``; returns (files, gaps, markdown index)."""
+    from harness.report import figures, tables
+    from harness.report.load import newest
+
+    files, gaps = [], []
+    order = list(cfg.methods) if cfg.methods else None
+    fmts, dpi = list(cfg.style.formats), int(cfg.style.dpi)
+    runs = sweep.runs
+    md = [f"# Report: {', '.join(cfg.experiments)}", "",
+          f"{len(runs)} finished runs" + (f" matching `{cfg.filter}`" if cfg.filter else "") +
+          f"; methods: {', '.join(sorted(runs['xai'].unique()))}; models: {', '.join(sorted(runs['model'].unique()))}; "
+          f"datasets: {', '.join(sorted(runs['dataset'].unique()))}.", ""]
+
+    columns = tuple(cfg.table.columns)
+    scores = list(cfg.table.scores) if cfg.table.scores else sweep.scores(list(cfg.table.families))
+    if scores:
+        table = tables.score_table(runs, sweep.info, scores, "xai", columns, order)
+        table.to_csv(out / "faithfulness.csv", index=False)
+        text = tables.to_markdown(table, "xai", columns, cfg.table.decimals)
+        (out / "faithfulness.md").write_text(text)
+        caption = "Mean ± standard error over images; best per column in bold."
+        (out / "faithfulness.tex").write_text(tables.to_latex(table, "xai", columns, cfg.table.decimals, caption))
+        files += [out / f"faithfulness.{e}" for e in ("csv", "md", "tex")]
+        md += ["## Faithfulness", "", text, caption, ""]
+    else:
+        gaps.append(f"faithfulness table: no run has a score of the families {list(cfg.table.families)}")
+
+    with figures.paper_style(float(cfg.style.font_size)):
+        picked = newest(runs, ["xai", "model", "dataset"])
+        groups = list(picked.groupby(["model", "dataset"], sort=True))
+        for (model, dataset), sub in groups:
+            tag = f"_{model}_{dataset}" if len(groups) > 1 else ""
+            for stem, make in (("heatmaps", lambda s: figures.heatmap_grid(
+                    sweep, s, int(cfg.heatmaps.n_images), str(cfg.heatmaps.scale), str(cfg.heatmaps.cmap), order)),
+                    ("curves", lambda s: figures.curves(sweep, s, order))):
+                fig = make(sub)
+                if fig is None:
+                    gaps.append(f"{stem} for {model} on {dataset}: no run has "
+                                f"{'attributions.npz' if stem == 'heatmaps' else 'curves.npz'}")
+                    continue
+                files += figures.save(fig, out, stem + tag, fmts, dpi)
+                md += [f"## {stem.capitalize()}: {model} on {dataset}", "", f"![{stem}]({stem}{tag}.png)", ""]
+
+        fig = figures.figure1(sweep, _figure1_runs(sweep, cfg), int(cfg.figure1.n_images))
+        if fig is None:
+            gaps.append("figure 1: no chosen run has MLLM answers with rendered images")
+        else:
+            files += figures.save(fig, out, "figure1", fmts, dpi)
+            md += ["## Figure 1", "", "![figure1](figure1.png)", ""]
+
+        text_scores = list(cfg.text.scores) if cfg.text.scores else sweep.scores(list(cfg.text.families))
+        spoken = runs[runs["mllm"] != "none"]
+        hue = [g for g in ("mllm", "prompt", "render") if spoken[g].nunique() > 1] or ["mllm"]
+        fig = figures.text_metrics(spoken, text_scores, sweep.info, hue, order) if len(spoken) else None
+        if fig is None:
+            gaps.append("text metrics: no run has text scores")
+        else:
+            files += figures.save(fig, out, "text_metrics", fmts, dpi)
+            cols = ["xai", *hue]
+            means = newest(spoken, cols)[[*cols, *text_scores]]
+            means.to_csv(out / "text_metrics.csv", index=False)
+            files.append(out / "text_metrics.csv")
+            md += ["## Text metrics", "", "![text metrics](text_metrics.png)", ""]
+
+    if len(sweep.summaries):
+        s = sweep.summaries.sort_values("start_time")
+        keep = [c for c in ("run_name", "source_experiment", "verdict", "sensitivity_statistic", "sensitivity_p_value",
+                            "sensitivity_effect_size", "sensitivity_n_groups", "sensitivity_n_answers", "embedding")
+                if c in s.columns]
+        s[keep].to_csv(out / "sensitivity.csv", index=False)
+        files.append(out / "sensitivity.csv")
+        cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in s[keep].itertuples(index=False)]
+        md += ["## XAI sensitivity", "", "| " + " | ".join(keep) + " |", "|" + "---|" * len(keep),
+               *("| " + " | ".join(c) + " |" for c in cells), ""]
+        if (png := sweep.artifact(s["run_id"].iloc[-1], "sensitivity.png")) is not None:
+            (out / "sensitivity.png").write_bytes(png.read_bytes())
+            files.append(out / "sensitivity.png")
+            md += ["![sensitivity](sensitivity.png)", ""]
+    else:
+        gaps.append("XAI sensitivity: no summary run yet (python -m harness.sensitivity source_experiment=...)")
+    if gaps:
+        md += ["## Not in this report", "", *(f"- {g}" for g in gaps), ""]
+    return files, gaps, "\n".join(md)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    from harness.pipeline import build
+    from harness.report.load import load
+
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = build(cfg.tracking)
+    with tempfile.TemporaryDirectory(prefix="harness-report-") as tmp:
+        sweep = load(tracker.client(), list(cfg.experiments), cfg.filter, tmp)
+        files, gaps, index = build_report(sweep, cfg, out)
+    (out / "report.md").write_text(index)
+    files.append(out / "report.md")
+    run_id = None
+    if cfg.log_to_mlflow:
+        from harness.tracking.mlflow_tracker import flatten
+
+        with tracker.start_run(cfg.run_name, tags={"kind": "report", "source_experiments": ",".join(cfg.experiments),
+                                                   "n_source_runs": str(len(sweep.runs))}) as rec:
+            rec.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+            rec.client.log_artifacts(rec.run_id, str(out))
+            run_id = rec.run_id
+    print(f"report: {len(files)} files from {len(sweep.runs)} runs in {out}"
+          + (f" (logged as run {run_id} in experiment {cfg.experiment_name!r})" if run_id else ""))
+    for g in gaps:
+        print(f"report: not included: {g}")
+    return {"files": files, "gaps": gaps, "run_id": run_id, "sweep": sweep}
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="report")
+def main(cfg: DictConfig) -> None:
+    exit_cleanly("harness.report", run, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Paper figures from a :class:`~harness.report.load.Sweep`: heatmap grid, the Figure-1 panel,
+perturbation curves and text metrics. Sized for a two-column paper (full width 7 in, 8 pt
+text, TrueType fonts embedded in the PDF), colour-blind-safe: the Okabe & Ito (2008) palette
+for lines and a ColorBrewer diverging map (Harrower & Brewer 2003) for attributions."""
+
+from __future__ import annotations
+
+import textwrap
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from harness.report.load import Sweep, order_methods
+
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000")
+FULL_WIDTH = 7.0  # inches: \textwidth of a two-column paper (a column is about 3.3 in)
+
+
+@contextmanager
+def paper_style(font_size: float = 8, palette: tuple[str, ...] = OKABE_ITO) -> Iterator[Any]:
+    """Matplotlib (pyplot) with paper settings, restored afterwards."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from cycler import cycler
+
+    rc = {"font.size": font_size, "axes.titlesize": font_size, "axes.labelsize": font_size,
+          "legend.fontsize": font_size - 1, "xtick.labelsize": font_size - 1, "ytick.labelsize": font_size - 1,
+          "pdf.fonttype": 42, "ps.fonttype": 42, "axes.prop_cycle": cycler(color=list(palette)),
+          "axes.spines.top": False, "axes.spines.right": False, "savefig.bbox": "tight", "savefig.pad_inches": 0.02}
+    with plt.rc_context(rc):
+        yield plt
+
+
+def save(fig: Any, folder: Path, stem: str, formats: list[str], dpi: int = 300) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    paths = [folder / f"{stem}.{f}" for f in formats]
+    for p in paths:
+        fig.savefig(p, dpi=dpi)
+    plt.close(fig)
+    return paths
+
+
+def _bare(ax: Any) -> None:
+    """An image panel: no ticks, no frame (the y label stays)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _label(s: str) -> str:
+    return s.replace("_", " ")
+
+
+def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str = "map", cmap: str = "RdBu_r",
+                 order: list[str] | None = None) -> Any | None:
+    """Images as rows (the input first), methods as columns, one colour scale (and colour bar)
+    per row, symmetric around 0. ``scale='map'``: each map is first divided by its own largest
+    |value|, so the row's scale is [-1, 1] and every method shows its full range (methods differ
+    in units by orders of magnitude); ``'row'``: raw values, the scale set by the largest
+    |attribution| of any method on that image (for methods in the same units). Only images
+    every run explained are shown. None when no run has ``attributions.npz``."""
+    if scale not in ("row", "map"):
+        from harness.types import HarnessError
+
+        raise HarnessError(f"heatmaps.scale={scale!r} is not valid; valid: row, map")
+    maps, inputs, ids = {}, {}, None
+    for method in order_methods(list(runs["xai"]), order):
+        z = sweep.npz(runs.loc[runs["xai"] == method, "run_id"].iloc[-1], "attributions.npz")
+        if z is None:
+            continue
+        run_ids = [str(i) for i in z["image_ids"]]
+        maps[method] = dict(zip(run_ids, z["attributions"]))
+        if "inputs" in z:
+            inputs.update(zip(run_ids, z["inputs"]))
+        ids = run_ids if ids is None else [i for i in ids if i in maps[method]]
+    if not maps or not ids:
+        return None
+    ids = ids[:n_images]
+    with_input = all(i in inputs for i in ids)
+    ncol = len(maps) + with_input
+    cell = min(1.2, (FULL_WIDTH - 0.4) / ncol)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(ids), ncol + 1, figsize=(cell * ncol + 0.4, cell * len(ids) + 0.25), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * ncol + [0.07]})
+    for r, image_id in enumerate(ids):
+        vmax = 1.0 if scale == "map" else (max(float(np.abs(m[image_id]).max()) for m in maps.values()) or 1.0)
+        if with_input:
+            axes[r, 0].imshow(inputs[image_id])
+        for c, (method, m) in enumerate(maps.items(), start=with_input):
+            a = m[image_id].astype(float)
+            if scale == "map":
+                a = a / (np.abs(a).max() or 1.0)
+            im = axes[r, c].imshow(a, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
+            if r == 0:
+                axes[r, c].set_title(_label(method))
+        cb = fig.colorbar(im, cax=axes[r, -1])
+        cb.ax.tick_params(labelsize=5)
+    if with_input:
+        axes[0, 0].set_title("input")
+        cb.set_label("map / max|map|" if scale == "map" else "relevance", fontsize=5)
+    for ax in axes[:, :-1].flat:
+        _bare(ax)
+    return fig
+
+
+def figure1(sweep: Sweep, run_ids: list[str], n_images: int = 2, wrap: int = 60) -> Any | None:
+    """The source paper's Figure 1: the input | what the MLLM saw | the MLLM's answer, one line
+    per (run, image). None when none of the runs has answers."""
+    from PIL import Image
+
+    lines = []
+    for run_id in run_ids:
+        run = sweep.runs.set_index("run_id").loc[run_id]
+        z = sweep.npz(run_id, "attributions.npz") or {}
+        inputs = dict(zip(map(str, z.get("image_ids", [])), z.get("inputs", [])))
+        seen = set()
+        for a in sweep.answers(run_id):
+            if a["image_id"] in seen or len(seen) >= n_images or not a.get("rendered"):
+                continue
+            seen.add(a["image_id"])
+            files = [sweep.artifact(run_id, f) for f in a["rendered"]]
+            if any(f is None for f in files):
+                continue
+            shown = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+            lines.append((run, a, inputs.get(a["image_id"]),
+                          shown[0] if len(shown) == 1 else np.concatenate(shown, axis=1)))
+    if not lines:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(lines), 3, figsize=(FULL_WIDTH, 1.75 * len(lines)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 1, 2.2]})
+    for r, (run, a, original, shown) in enumerate(lines):
+        if original is not None:
+            axes[r, 0].imshow(original)
+        axes[r, 1].imshow(shown)
+        axes[r, 0].set_ylabel(f"{_label(run['xai'])} · {_label(run['mllm'])}\n{a['image_id']}", fontsize=6)
+        text = "\n".join(textwrap.fill(p, wrap) for p in a["text"].splitlines() if p.strip())
+        axes[r, 2].text(0, 1, text, va="top", ha="left", fontsize=6.5, wrap=True, transform=axes[r, 2].transAxes)
+        axes[r, 2].axis("off")
+        for ax in axes[r, :2]:
+            _bare(ax)
+    for ax, title in zip(axes[0], ("input", "what the MLLM saw", "the MLLM's answer")):
+        ax.set_title(title)
+    return fig
+
+
+def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None) -> Any | None:
+    """Perturbation curves, one panel per curve (SRG MoRF/LeRF, pixel flipping, ...), one line
+    per method: the mean over images ± one standard error. None when no run has curves."""
+    panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for method in order_methods(list(runs["xai"]), order):
+        z = sweep.npz(runs.loc[runs["xai"] == method, "run_id"].iloc[-1], "curves.npz")
+        if z is None:
+            continue
+        xs = {k[:-2]: v for k, v in z.items() if k.endswith("_x")}
+        for key, ys in z.items():
+            owner = max((m for m in xs if key.startswith(m)), key=len, default=None)
+            if key.endswith("_x") or owner is None or ys.ndim != 2:
+                continue
+            panels.setdefault(key, {})[method] = (xs[owner], ys)
+    if not panels:
+        return None
+    import matplotlib.pyplot as plt
+
+    ncol = min(4, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(FULL_WIDTH, 1.9 * nrow), squeeze=False)
+    for ax, (key, lines) in zip(axes.flat, panels.items()):
+        for method, (x, ys) in lines.items():
+            ys = ys[np.isfinite(ys).all(1)]
+            if not len(ys):
+                continue
+            mean = ys.mean(0)
+            sem = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros_like(mean)
+            line, = ax.plot(x, mean, label=_label(method), lw=1.2)
+            ax.fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.2, lw=0)
+        ax.set(title=_label(key), xlabel="share removed")
+    axes[0, 0].set_ylabel("model output")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+def interval(runs: pd.DataFrame, score: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and 95 % interval of ``score`` per run: the bootstrap interval the run logged, else
+    ± 1.96 standard errors."""
+    mean = runs[score].to_numpy(float)
+    sem = runs.get(f"{score}_sem", pd.Series(np.nan, index=runs.index)).to_numpy(float)
+    low = runs.get(f"{score}_ci95_low", pd.Series(np.nan, index=runs.index)).to_numpy(float)
+    high = runs.get(f"{score}_ci95_high", pd.Series(np.nan, index=runs.index)).to_numpy(float)
+    low = np.where(np.isfinite(low), low, mean - 1.96 * sem)
+    high = np.where(np.isfinite(high), high, mean + 1.96 * sem)
+    return mean, low, high
+
+
+def text_metrics(runs: pd.DataFrame, scores: list[str], info: dict[str, dict], hue: list[str],
+                 order: list[str] | None = None) -> Any | None:
+    """One panel per text score: methods on the x-axis, one marker per ``hue`` combination
+    (the MLLM, and the prompt or rendering where they vary), 95 % intervals as error bars."""
+    runs = runs[runs["mllm"] != "none"]
+    scores = [s for s in scores if s in runs.columns and runs[s].notna().any()]
+    if runs.empty or not scores:
+        return None
+    import matplotlib.pyplot as plt
+
+    methods = order_methods(list(runs["xai"].unique()), order)
+    groups = list(dict.fromkeys(" · ".join(_label(str(v)) for v in row) for row in runs[hue].itertuples(index=False)))
+    key = runs[hue].astype(str).agg(" · ".join, axis=1).map(_label)
+    ncol = min(4, len(scores))
+    nrow = -(-len(scores) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(FULL_WIDTH, 1.8 * nrow), squeeze=False)
+    width = 0.8 / len(groups)
+    for ax, score in zip(axes.flat, scores):
+        for g, name in enumerate(groups):
+            sub = runs[key == name].drop_duplicates("xai", keep="last").set_index("xai").reindex(methods)
+            mean, low, high = interval(sub.reset_index(), score)
+            x = np.arange(len(methods)) - 0.4 + width * (g + 0.5)
+            ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="o", ms=3, lw=1, capsize=1.5, label=name)
+        arrow = "↑" if info.get(score, {}).get("higher_is_better", True) else "↓"
+        ax.set_title(f"{_label(score)} {arrow}")
+        ax.set_xticks(range(len(methods)), [_label(m) for m in methods], rotation=45, ha="right")
+    for ax in axes.flat[len(scores):]:
+        ax.axis("off")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return fig

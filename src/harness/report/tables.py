@@ -1,0 +1,114 @@
+"""Score tables in the layout of the AttnLRP paper's Table 1 (Achtibat et al. 2024): methods as
+rows, (model, dataset, score) as columns, mean ± standard error over images, the best value of
+each column marked. Written as CSV (full precision), Markdown and LaTeX (booktabs)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+
+from harness.report.load import newest, order_methods
+
+
+def score_table(runs: pd.DataFrame, info: dict[str, dict], scores: list[str], rows: str = "xai",
+                columns: tuple[str, ...] = ("model", "dataset"), order: list[str] | None = None) -> pd.DataFrame:
+    """Long table: one line per (column group, score, row) with ``mean``, ``sem``,
+    ``n_images``, ``run_id``, ``higher_is_better`` and ``best``. A score a run lacks is NaN;
+    the newest run of each (row, column group) is used."""
+    keys = [rows, *columns]
+    picked = newest(runs, keys)
+    out = []
+    for score in scores:
+        for _, r in picked.iterrows():
+            mean = r.get(score, np.nan)
+            out.append({**{k: r[k] for k in keys}, "score": score, "mean": mean,
+                        "sem": r.get(f"{score}_sem", np.nan), "n_images": r.get("n_images", np.nan),
+                        "run_id": r["run_id"], "higher_is_better": bool(info.get(score, {}).get("higher_is_better", True))})
+    table = pd.DataFrame(out)
+    if table.empty:
+        return table
+    table["best"] = False
+    for _, idx in table.groupby([*columns, "score"], dropna=False).groups.items():
+        col = table.loc[idx]
+        vals = col["mean"].astype(float)
+        if vals.notna().any():
+            target = vals.max() if col["higher_is_better"].iloc[0] else vals.min()
+            table.loc[idx, "best"] = np.isclose(vals, target, rtol=0, atol=1e-12) & vals.notna()
+    methods = order_methods(list(table[rows].unique()), order)
+    table[rows] = pd.Categorical(table[rows], methods, ordered=True)
+    return table.sort_values([*columns, "score", rows]).reset_index(drop=True)
+
+
+def fmt(mean: float, sem: float, decimals: int | None = None) -> str:
+    """``mean ± sem``; with ``decimals`` None the sem keeps two significant digits and the
+    mean is rounded to the same place."""
+    if not np.isfinite(mean):
+        return "–"
+    if decimals is None:
+        decimals = min(4, max(0, 1 - math.floor(math.log10(sem)))) if np.isfinite(sem) and sem > 0 else 3
+    return f"{mean:.{decimals}f}" + (f" ± {sem:.{decimals}f}" if np.isfinite(sem) else "")
+
+
+def _grid(table: pd.DataFrame, rows: str, columns: tuple[str, ...], decimals: int | None):
+    """(header tuples, column keys, row names, cells, best flags) of the wide layout; levels of
+    ``columns`` with one value only are left out of the header."""
+    varying = [c for c in columns if table[c].nunique() > 1]
+    col_keys = list(dict.fromkeys(tuple(r) for r in table[[*columns, "score"]].itertuples(index=False)))
+    arrow = {s: "↑" if h else "↓" for s, h in zip(table["score"], table["higher_is_better"])}
+    header = [tuple(str(k[columns.index(c)]) for c in varying) + (f"{k[-1]} {arrow[k[-1]]}",) for k in col_keys]
+    names = [str(m) for m in table[rows].cat.categories if m in set(table[rows])]
+    lookup = {(str(r[rows]), tuple(r[c] for c in columns) + (r["score"],)): r for _, r in table.iterrows()}
+    cells, best = [], []
+    for m in names:
+        line = [lookup.get((m, k)) for k in col_keys]
+        cells.append([fmt(r["mean"], r["sem"], decimals) if r is not None else "–" for r in line])
+        best.append([bool(r is not None and r["best"]) for r in line])
+    return header, names, cells, best
+
+
+def to_markdown(table: pd.DataFrame, rows: str = "xai", columns: tuple[str, ...] = ("model", "dataset"),
+                decimals: int | None = None) -> str:
+    header, names, cells, best = _grid(table, rows, columns, decimals)
+    head = ["method", *(" · ".join(h) for h in header)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, line, b in zip(names, cells, best):
+        lines.append("| " + " | ".join([m, *(f"**{c}**" if bb else c for c, bb in zip(line, b))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _tex(s: str) -> str:
+    s = re.sub(r"(?<![\w.])-(?=\d)", "\N{MINUS SIGN}", s)
+    return (s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
+            .replace("#", r"\#").replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("±", r"$\pm$")
+            .replace("–", "--").replace("\N{MINUS SIGN}", "$-$"))
+
+
+def to_latex(table: pd.DataFrame, rows: str = "xai", columns: tuple[str, ...] = ("model", "dataset"),
+             decimals: int | None = None, caption: str = "", label: str = "tab:faithfulness") -> str:
+    """A booktabs table; header levels that repeat (model, dataset) are spanned with
+    ``\\multicolumn``."""
+    header, names, cells, best = _grid(table, rows, columns, decimals)
+    levels = len(header[0]) if header else 1
+    out = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{l" + "c" * len(header) + "}", r"\toprule"]
+    for lvl in range(levels):
+        spans, i = [], 0
+        while i < len(header):
+            j = i
+            while j < len(header) and header[j][: lvl + 1] == header[i][: lvl + 1]:
+                j += 1
+            text = _tex(header[i][lvl])
+            spans.append(text if j - i == 1 else rf"\multicolumn{{{j - i}}}{{c}}{{{text}}}")
+            i = j
+        out.append(" & ".join(["method" if lvl == levels - 1 else "", *spans]) + r" \\")
+    out.append(r"\midrule")
+    for m, line, b in zip(names, cells, best):
+        out.append(" & ".join([_tex(m), *(rf"\textbf{{{_tex(c)}}}" if bb else _tex(c) for c, bb in zip(line, b))])
+                   + r" \\")
+    out += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        out.append(rf"\caption{{{_tex(caption)}}}")
+    out += [rf"\label{{{label}}}", r"\end{table}"]
+    return "\n".join(out) + "\n"
