@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -125,7 +124,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from harness.report.load import load
 
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tracker = build(cfg.tracking)

@@ -5,6 +5,7 @@ for lines and a ColorBrewer diverging map (Harrower & Brewer 2003) for attributi
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,8 @@ def paper_style(font_size: float = 8, palette: tuple[str, ...] = OKABE_ITO) -> I
     """Matplotlib (pyplot) with paper settings, restored afterwards."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:  # a notebook keeps its own (inline) backend
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from cycler import cycler
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,7 @@ def load(client, experiments: list[str], filter_string: str | None = None, cache
          status: str = "FINISHED") -> Sweep:
     """Read the runs of ``experiments`` (names) whose status is ``status`` and that match the
     MLflow ``filter_string`` (e.g. ``tags.`choice.model` = 'vit_tiny_shapes'``)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise here
     exps = []
     for name in experiments:
         exp = client.get_experiment_by_name(name)

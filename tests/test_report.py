@@ -1,0 +1,179 @@
+"""Reports, study presets and the notebook, on the offline demo sweep (the README's first command)
+run for real into a temporary MLflow store."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from conftest import ROOT, make_cfg, run_harness
+from harness.report.tables import fmt
+
+PRESETS = sorted(p.stem for p in (ROOT / "experiments" / "experiment").glob("*.yaml"))
+FIGURES = ("heatmaps", "curves", "figure1", "text_metrics")
+
+
+def run_module(module: str, *args: str, timeout: int = 600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, cache_dir, trained_vit):
+    """The offline demo sweep and its sensitivity summary, in a store of their own."""
+    tmp = tmp_path_factory.mktemp("demo")
+    store = [f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"tracking.artifact_location={tmp}/artifacts"]
+    r = run_harness("-m", "experiment=offline_demo", *store, f"paths.cache_dir={cache_dir}",
+                    f"cache.dir={tmp}/stages", f"language.cache_dir={tmp}/answers", f"hydra.sweep.dir={tmp}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sweep: job 5 of 5" in r.stderr and "sweep: 5 jobs: 5 finished" in r.stdout
+    r = run_module("harness.sensitivity", "source_experiment=offline_demo", *store, "n_permutations=200",
+                   f"hydra.run.dir={tmp}/sens")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, store
+
+
+@pytest.fixture(scope="module")
+def report(demo):
+    tmp, store = demo
+    out = tmp / "report"
+    r = run_module("harness.report", "experiments=[offline_demo]", *store, f"output_dir={out}",
+                   f"hydra.run.dir={tmp}/rep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r.stdout, MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+
+
+def test_report_writes_every_table_and_figure(report):
+    out, stdout, client = report
+    assert "not included" not in stdout, stdout
+    for stem in FIGURES:
+        for ext in ("png", "pdf"):
+            f = out / f"{stem}.{ext}"
+            assert f.stat().st_size > 5000, f
+        assert f"({stem}.png)" in (out / "report.md").read_text()
+    assert (out / "figure1.pdf").read_bytes()[:5] == b"%PDF-"
+    for name in ("faithfulness.csv", "faithfulness.md", "faithfulness.tex", "text_metrics.csv", "sensitivity.csv",
+                 "sensitivity.png", "report.md"):
+        assert (out / name).stat().st_size > 0, name
+    # logged back as a report run, with the same files
+    exp = client.get_experiment_by_name("offline_demo")
+    rep = client.search_runs([exp.experiment_id], "tags.kind = 'report'")
+    assert len(rep) == 1 and rep[0].info.status == "FINISHED" and rep[0].data.tags["n_source_runs"] == "5"
+    assert {"faithfulness.tex", "heatmaps.pdf", "figure1.png", "report.md"} <= {
+        f.path for f in client.list_artifacts(rep[0].info.run_id)}
+
+
+def test_table_numbers_are_the_runs_metrics(report):
+    out, _, client = report
+    table = pd.read_csv(out / "faithfulness.csv")
+    exp = client.get_experiment_by_name("offline_demo")
+    runs = {r.data.tags["choice.xai"]: r for r in client.search_runs([exp.experiment_id])
+            if "kind" not in r.data.tags}
+    assert sorted(table["xai"].unique()) == sorted(runs) == ["gradcam", "ig", "random", "saliency", "smoothgrad"]
+    assert set(table["score"]) == {"srg", "srg_morf_auc", "srg_lerf_auc"}  # the faithfulness family only
+    for row in table.itertuples():
+        m = runs[row.xai].data.metrics
+        assert row.run_id == runs[row.xai].info.run_id
+        assert row.mean == m[row.score] and row.sem == m[f"{row.score}_sem"]
+    # best per column: by direction (SRG and LeRF higher, MoRF lower is better)
+    for score, best in (("srg", max), ("srg_lerf_auc", max), ("srg_morf_auc", min)):
+        col = table[table["score"] == score]
+        winner = best(runs, key=lambda x: runs[x].data.metrics[score])
+        assert col.loc[col["best"], "xai"].tolist() == [winner]
+        m = runs[winner].data.metrics
+        line = next(x for x in (out / "faithfulness.md").read_text().splitlines() if x.startswith(f"| {winner} |"))
+        assert f"**{fmt(m[score], m[f'{score}_sem'])}**" in line
+    tex = (out / "faithfulness.tex").read_text()
+    assert tex.count(r"\textbf{") == 3 and r"\toprule" in tex and r"srg $\uparrow$" in tex
+
+
+def test_heatmap_rows_share_one_scale_and_inputs_are_logged(demo):
+    tmp, _ = demo
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name("offline_demo")
+    run = client.search_runs([exp.experiment_id], "tags.`choice.xai` = 'ig'")[0]
+    z = np.load(client.download_artifacts(run.info.run_id, "attributions.npz", str(tmp)))
+    assert z["inputs"].shape == (16, 32, 32, 3) and z["inputs"].dtype == np.uint8
+    assert list(z["class_names"]) == ["circle", "square", "triangle", "cross"]
+
+
+def test_missing_metrics_leave_gaps_not_crashes(demo, cache_dir, tmp_path):
+    """Runs without faithfulness scores, curves or answers: the report says what is missing."""
+    tmp, store = demo
+    r = run_harness("-m", "xai=random,saliency", "metrics=[pointing_game]", "~mllm", "dataset.n=4",
+                    "experiment_name=gaps", *store, f"paths.cache_dir={cache_dir}", f"cache.dir={tmp}/stages",
+                    f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_module("harness.report", "experiments=[gaps]", *store, f"output_dir={tmp_path}/out", "log_to_mlflow=false",
+                   f"hydra.run.dir={tmp_path}/rep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for gap in ("faithfulness table", "curves for vit_tiny_shapes", "figure 1", "text metrics", "XAI sensitivity"):
+        assert f"report: not included: {gap}" in r.stdout, gap
+    assert (tmp_path / "out" / "heatmaps.pdf").exists()
+    assert "## Not in this report" in (tmp_path / "out" / "report.md").read_text()
+    r = run_module("harness.report", "experiments=[nonexistent]", *store, f"hydra.run.dir={tmp_path}/rep2")
+    assert r.returncode == 1 and "harness.report: error: experiment 'nonexistent' not found" in r.stderr
+    assert "gaps" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_notebook_executes_on_the_demo_runs(demo, tmp_path):
+    import nbclient
+    import nbformat
+
+    path = ROOT / "notebooks" / "reproduce_figures.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code), "commit notebooks stripped"
+    tmp, _ = demo
+    os.environ.update(HARNESS_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db", HARNESS_EXPERIMENT="offline_demo",
+                      HARNESS_NOTEBOOK_OUT=str(tmp_path))
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        for k in ("HARNESS_TRACKING_URI", "HARNESS_EXPERIMENT", "HARNESS_NOTEBOOK_OUT"):
+            os.environ.pop(k)
+    assert (tmp_path / "curves.png").stat().st_size > 5000 and (tmp_path / "curves.pdf").exists()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert printed.count("over 16 images") == 5
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_composes_and_has_a_readme(name):
+    cfg = make_cfg([f"experiment={name}"])
+    assert cfg.experiment_name == name
+    readme = ROOT / "experiments" / name / "README.md"
+    assert readme.is_file(), f"experiments/{name}/README.md is missing"
+    text = readme.read_text()
+    assert f"experiment={name}" in text and "## Hardware" in text and "## Outputs" in text
+
+
+def test_presets_are_the_studies_they_say():
+    assert set(PRESETS) >= {"siemens_fig1", "attnlrp_table1", "xai_sensitivity", "shortcut", "offline_demo"}
+    fig1 = make_cfg(["experiment=siemens_fig1"])
+    assert fig1.model.name == "vit_base_patch16_224" and fig1.xai._target_.endswith("Lime")
+    assert fig1.render._target_.endswith("Boundaries") and fig1.mllm.model == "llava-hf/llava-1.5-7b-hf"
+    table1 = make_cfg(["experiment=attnlrp_table1"])
+    assert list(table1.metrics) == ["srg"] and table1.metrics.srg.output == "logit" and table1.get("mllm") is None
+
+
+def test_a_hub_preset_offline_says_what_to_do(tmp_path):
+    """Without the ViT-B/16 weights the study stops before any work, with what to do."""
+    r = run_harness("experiment=attnlrp_table1", "dataset.n=1", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                    f"tracking.artifact_location={tmp_path}/a", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "harness: error:" in r.stderr and "checkpoint" in r.stderr
+
+
+def test_sweep_size_counts_preset_params():
+    from harness.tracking.sweep_summary import sweep_size
+
+    assert sweep_size(["experiment=offline_demo"], {"xai": "random,ig,lime"}) == 3
+    assert sweep_size(["xai=random,ig"], {"xai": "random,ig,lime", "prompt": "a,b"}) == 4
