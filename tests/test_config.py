@@ -80,3 +80,23 @@ def test_model_options_build(option, cache_dir, trained_vit):
     model = instantiate(cfg.model)
     x, _ = model.preprocess([np.zeros((40, 50, 3), np.uint8)])
     assert model.predict(x).ndim == 2
+
+
+def test_shortcut_experiment_composes_its_jobs():
+    """experiments/experiment/shortcut.yaml: the mark's box, and the same test images with and without the
+    mark (its sweep's dataset.spurious_prob values 1.0 and 1e-9)."""
+    sets = {}
+    for train, test in (("0.0", "1.0"), ("1.0", "1e-9")):
+        cfg = make_cfg(["experiment=shortcut", f"model.train_data.spurious_prob={train}",
+                        f"dataset.spurious_prob={test}", "xai=gradcam"])
+        assert cfg.experiment_name == "shortcut"
+        assert cfg.run_name == f"gradcam.train_mark_{train}.test_mark_{float(test)}"
+        metrics = {name: instantiate(m) for name, m in cfg.metrics.items()}
+        assert metrics["region_mass"].box == (0, 0, 3, 3) and "relevance_mass_accuracy" in metrics
+        assert instantiate(cfg.text_metrics.grounding).box == (0, 0, 3, 3)
+        sets[test] = instantiate(cfg.dataset)
+    marked, clean = sets["1.0"], sets["1e-9"]
+    np.testing.assert_array_equal(marked.labels, clean.labels)
+    for a, b in zip(marked.images, clean.images):
+        assert (a[3:] == b[3:]).all() and (a[:, 3:] == b[:, 3:]).all()  # the same image outside the mark
+        assert (a[:3, :3] == a[0, 0]).all() and (a[:3, :3] != b[:3, :3]).any()  # the mark, and no mark

@@ -1,4 +1,4 @@
-"""SRG and the pointing game on inputs whose answer is known by hand."""
+"""SRG, the pointing game and region mass on inputs whose answer is known by hand."""
 
 import numpy as np
 import pytest
@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from harness.evaluation.pointing_game import PointingGame
+from harness.evaluation.region_mass import RegionMass
 from harness.evaluation.perturbation import SRG
 from harness.models.classifier import Classifier
 from harness.types import HarnessError, MetricOutput
@@ -114,6 +115,32 @@ def test_pointing_game_known_answers():
 def test_pointing_game_without_mask_is_nan():
     s = PointingGame()(None, None, np.ones((2, 4, 4)), None, [None, np.zeros((4, 4), bool)])
     assert np.isnan(s.scores["pointing_game"]).all()
+
+
+def test_region_mass_known_answers():
+    a = np.zeros((5, 6, 6))
+    a[0, 0, 0] = 2.0  # all positive mass on the box
+    a[1, 5, 5] = 1.0  # none on it
+    a[2] = 1.0  # uniform: the box's share of the area, ratio 1 (chance)
+    a[3, 0, 0], a[3, 5, 5], a[3, 1, 1] = 1.0, 3.0, -5.0  # negative relevance is left out: 1 / (1 + 3)
+    a[4] = -1.0  # no positive mass: undefined
+    out = RegionMass(box=[0, 0, 2, 3])(None, None, a, None)
+    np.testing.assert_allclose(out.scores["region_mass"], [1, 0, 6 / 36, 0.25, np.nan])
+    np.testing.assert_allclose(out.scores["region_mass_ratio"], [6, 0, 1, 1.5, np.nan])
+    named = RegionMass(box=[4, 4, 6, 6], name="corner")(None, None, a[:2], None)
+    assert set(named.scores) == {"corner", "corner_ratio"}
+    np.testing.assert_allclose(named.scores["corner"], [0, 1])
+    assert RegionMass.higher_is_better and RegionMass.family == "localisation" and not RegionMass.needs_masks
+
+
+def test_region_mass_refuses_a_bad_box():
+    a = np.ones((1, 6, 6))
+    with pytest.raises(HarnessError, match=r"reaches outside the 6x6 input"):
+        RegionMass(box=[4, 4, 7, 6])(None, None, a, None)
+    RegionMass(box=[0, 0, 6, 6])(None, None, a, None)  # the whole image is inside
+    for bad in ([0, 0, 0, 3], [2, 0, 1, 3], [-1, 0, 2, 2], [0, 0, 3], [0, 0, 1.5, 3], "abc"):
+        with pytest.raises(HarnessError, match="box"):
+            RegionMass(box=bad)
 
 
 def test_aggregate_mean_sem_and_bootstrap_interval():

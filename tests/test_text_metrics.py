@@ -15,6 +15,7 @@ from harness.text.grounding import Grounding, mentioned_regions
 from harness.text.judge import Judge, mask_label
 from harness.text.readability import Readability, syllables
 from harness.text.sensitivity import sensitivity
+from harness.types import HarnessError
 from test_openai_compatible import Server
 
 
@@ -56,6 +57,24 @@ def test_grounding_known_answers():
     assert np.isnan(g([rec("A cat.")], CTX)["spatial_grounding"][0])  # no region named
     assert mentioned_regions("top-left, bottom right, the top, the left side, the middle") == [
         {(0, 0)}, {(2, 2)}, {(0, 0), (0, 1), (0, 2)}, {(0, 0), (1, 0), (2, 0)}, {(1, 1)}]
+
+
+def test_grounding_points_to_box_known_answers():
+    texts = ["Evidence in the upper left.", "Evidence in the lower right.", "Along the top.",
+             "Mostly the centre, some in the upper left.", "A cat.", "The left side."]
+    corner = Grounding(box=[0, 0, 3, 3])(list(map(rec, texts)), CTX)  # 30 x 30 map: cells of 10 px
+    np.testing.assert_allclose(corner["points_to_box"], [1, 0, 1, 1, np.nan, 1])
+    # a box across the four middle cells' corners: rows 8-11 and columns 8-11, a quarter in each cell
+    mid = Grounding(box=[8, 8, 12, 12])(list(map(rec, texts[:4])), CTX)["points_to_box"]
+    np.testing.assert_allclose(mid, [0.25, 0, 0.5, 0.5])
+    plain = Grounding()([rec(texts[0])], CTX)
+    assert "points_to_box" not in plain and "points_to_box" not in Grounding.directions
+    np.testing.assert_array_equal(plain["spatial_grounding"], corner["spatial_grounding"][:1])  # unchanged
+    assert Grounding(box=[0, 0, 3, 3]).directions["points_to_box"] is True
+    with pytest.raises(HarnessError, match="outside the 30x30 input"):
+        Grounding(box=[28, 28, 31, 31])([rec(texts[0])], CTX)
+    with pytest.raises(HarnessError, match="box"):
+        Grounding(box=[3, 3, 0, 0])
 
 
 def test_consistency_identical_answers_score_one_with_either_embedding(tmp_path):

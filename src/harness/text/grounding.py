@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import ClassVar
 
 import numpy as np
 
+from harness.evaluation.region_mass import box_inside, check_box
 from harness.mllm.base import Record
 from harness.mllm.verbaliser import mass_grid
 from harness.text.base import Context, TextMetric, words
@@ -46,6 +48,23 @@ def mentioned_regions(text: str) -> list[set[tuple[int, int]]]:
     return out
 
 
+def grid_cells(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 3 x 3 grid row of each pixel row and column of each pixel column, as the verbaliser's
+    :func:`~harness.mllm.verbaliser.mass_grid` cuts an ``height x width`` map."""
+    return np.minimum(np.arange(height) * 3 // height, 2), np.minimum(np.arange(width) * 3 // width, 2)
+
+
+def box_share_in_cells(box: tuple[int, int, int, int], cells: set[tuple[int, int]], height: int,
+                       width: int) -> float:
+    """Share of ``box`` (``[top, left, bottom, right]``, bottom/right exclusive) whose pixels lie
+    in the 3 x 3 grid ``cells`` of an ``height x width`` image."""
+    top, left, bottom, right = box
+    rows, cols = grid_cells(height, width)
+    r, c = rows[top:bottom], cols[left:right]
+    inside = np.array([[(i, j) in cells for j in c] for i in r], dtype=bool)
+    return float(inside.mean())
+
+
 class Grounding(TextMetric):
     """Specificity and grounding of an answer.
 
@@ -60,13 +79,28 @@ class Grounding(TextMetric):
       positive attribution mass than their share of the image (NaN when none is named): 1 when
       every region the text points to is one the attribution marks;
     - ``unsupported_regions``: regions named that hold less than half their area's share of the
-      mass: places the text points to that the attribution does not support.
+      mass: places the text points to that the attribution does not support;
+    - ``points_to_box`` (only with ``box``): the share of the box's area that lies in the grid
+      cells the text names (all its regions together; NaN when it names none). With the box on a
+      known artifact (e.g. the shapes dataset's spurious mark), 1 means the text points the
+      reader to the artifact, 0 that it points elsewhere. A readout like ``region_mass``: higher
+      = more towards the box.
+
+    Args:
+        box: ``[top, left, bottom, right]`` in the pixels of the model's input (the attribution
+            map's), bottom and right exclusive, or ``None`` (no ``points_to_box``). A box that
+            reaches outside the input is an error.
     """
 
     family: ClassVar[str] = "grounding"
     directions: ClassVar[dict[str, bool]] = {
         "names_class": True, "other_classes": False, "feature_words": True, "spatial_mentions": True,
         "spatial_grounding": True, "unsupported_regions": False}
+
+    def __init__(self, box: Sequence[int] | None = None) -> None:
+        self.box = None if box is None else check_box(box, "text_metrics.grounding.box")
+        if self.box is not None:
+            self.directions = {**type(self).directions, "points_to_box": True}
 
     def scores(self, text: str, ctx: Context) -> dict[str, float]:
         ws = words(text)
@@ -80,12 +114,18 @@ class Grounding(TextMetric):
         regions = mentioned_regions(text)
         support = [sum(grid[c] for c in cells) / (len(cells) / 9) for cells in regions] if grid.sum() > 0 else \
             [0.0] * len(regions)
-        return {"names_class": float(named(ctx.label)),
-                "other_classes": float(sum(named(c) for c in ctx.class_names if c != ctx.label)),
-                "feature_words": float(sum(w in VISUAL for w in ws)),
-                "spatial_mentions": float(len(regions)),
-                "spatial_grounding": float(np.mean([s > 1 for s in support])) if regions else float("nan"),
-                "unsupported_regions": float(sum(s < 0.5 for s in support))}
+        out = {"names_class": float(named(ctx.label)),
+               "other_classes": float(sum(named(c) for c in ctx.class_names if c != ctx.label)),
+               "feature_words": float(sum(w in VISUAL for w in ws)),
+               "spatial_mentions": float(len(regions)),
+               "spatial_grounding": float(np.mean([s > 1 for s in support])) if regions else float("nan"),
+               "unsupported_regions": float(sum(s < 0.5 for s in support))}
+        if self.box is not None:
+            h, w = np.shape(ctx.attribution)[-2:]
+            box_inside(self.box, h, w, "text_metrics.grounding.box")
+            named_cells = set().union(*regions)
+            out["points_to_box"] = box_share_in_cells(self.box, named_cells, h, w) if regions else float("nan")
+        return out
 
     def __call__(self, records: list[Record], contexts: dict[str, Context]) -> dict[str, np.ndarray]:
         rows = [self.scores(r.text, contexts[r.image_id]) for r in records]
