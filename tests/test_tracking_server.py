@@ -60,3 +60,19 @@ def test_sweep_logs_to_server(server, cache_dir, trained_vit, tmp_path):
         assert {"attributions.npz", "per_image.json", "config.yaml", "overlays", "rendered", "answers.jsonl",
                 "metric_info.json", "curves.npz"} <= files
         assert len(client.list_artifacts(run.info.run_id, "overlays")) == 4
+
+
+def test_report_reads_and_logs_to_the_server(server, tmp_path):
+    """harness.report on the server's sweep: the same files, and the report run lands there."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "harness.report", "experiments=[server-test]", "tracking=server",
+                        f"tracking.uri={server}", f"output_dir={tmp_path}/out", f"hydra.run.dir={tmp_path}/rep"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("faithfulness.csv", "heatmaps.pdf", "curves.png", "figure1.png", "text_metrics.pdf", "report.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    client = MlflowClient(server)
+    rep = client.search_runs([client.get_experiment_by_name("server-test").experiment_id], "tags.kind = 'report'")
+    assert len(rep) == 1 and "faithfulness.tex" in {f.path for f in client.list_artifacts(rep[0].info.run_id)}
