@@ -166,7 +166,7 @@ def test_presets_are_the_studies_they_say():
 
 def test_a_hub_preset_offline_says_what_to_do(tmp_path):
     """Without the ViT-B/16 weights the study stops before any work, with what to do."""
-    r = run_harness("experiment=attnlrp_table1", "dataset.n=1", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+    r = run_harness("experiment=attnlrp_table1", "dataset=shapes", "dataset.n=1", f"tracking.uri=sqlite:///{tmp_path}/m.db",
                     f"tracking.artifact_location={tmp_path}/a", f"hydra.run.dir={tmp_path}/run")
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "harness: error:" in r.stderr and "checkpoint" in r.stderr
@@ -177,3 +177,71 @@ def test_sweep_size_counts_preset_params():
 
     assert sweep_size(["experiment=offline_demo"], {"xai": "random,ig,lime"}) == 3
     assert sweep_size(["xai=random,ig"], {"xai": "random,ig,lime", "prompt": "a,b"}) == 4
+
+
+def _runs(rows):
+    base = {"dataset": "shapes", "mllm": "none", "prompt": "paper", "render": "boundaries", "n_images": 8.0}
+    return pd.DataFrame([{**base, "run_id": f"r{i}", "start_time": i, **r} for i, r in enumerate(rows)])
+
+
+def test_table_layout_best_marks_gaps_and_latex():
+    from harness.report.tables import score_table, to_latex, to_markdown
+
+    runs = _runs([
+        {"xai": "ig", "model": "vit", "srg": 2.0, "srg_sem": 0.5, "pf": 0.2, "pf_sem": 0.01},
+        {"xai": "random", "model": "vit", "srg": 0.1, "srg_sem": 0.3, "pf": 0.3, "pf_sem": 0.02},
+        {"xai": "lrp", "model": "vit", "srg": np.nan, "pf": 0.1, "pf_sem": 0.01},   # srg missing
+        {"xai": "ig", "model": "resnet", "srg": -1.5, "srg_sem": 0.25, "pf": 0.4, "pf_sem": 0.05},
+        {"xai": "random", "model": "resnet", "srg": -1.0, "srg_sem": 0.2, "pf": 0.4, "pf_sem": 0.05},  # tie on pf
+    ])
+    info = {"srg": {"family": "faithfulness", "higher_is_better": True},
+            "pf": {"family": "faithfulness", "higher_is_better": False}}
+    t = score_table(runs, info, ["srg", "pf"], "xai", ("model", "dataset"))
+    best = {(r.model, r.score): sorted(t[(t.model == r.model) & (t.score == r.score) & t.best].xai)
+            for r in t.itertuples()}
+    assert best == {("vit", "srg"): ["ig"], ("vit", "pf"): ["lrp"], ("resnet", "srg"): ["random"],
+                    ("resnet", "pf"): ["ig", "random"]}
+    md = to_markdown(t, "xai", ("model", "dataset")).splitlines()
+    assert md[0] == "| method | resnet · srg ↑ | resnet · pf ↓ | vit · srg ↑ | vit · pf ↓ |"  # dataset: one value
+    assert [line.split(" |")[0] for line in md[2:]] == ["| random", "| ig", "| lrp"]  # random first
+    assert md[4] == "| lrp | – | – | – | **0.100 ± 0.010** |"  # lrp has no resnet run, no vit srg
+    assert md[3].startswith("| ig | -1.50 ± 0.25 | **0.400 ± 0.050** | **2.00 ± 0.50** |")
+    tex = to_latex(t, "xai", ("model", "dataset"))
+    assert r"\multicolumn{2}{c}{resnet} & \multicolumn{2}{c}{vit} \\" in tex
+    assert r"$-$1.50 $\pm$ 0.25" in tex and r"pf $\downarrow$" in tex and r"\textbf{--}" not in tex
+
+
+def test_fmt_rounds_to_the_error():
+    assert fmt(1.23456, 0.0123) == "1.235 ± 0.012"
+    assert fmt(12.3456, 1.5) == "12.3 ± 1.5"
+    assert fmt(0.5, 0.0) == "0.500 ± 0.000" and fmt(float("nan"), 0.1) == "–"
+    assert fmt(0.5, float("nan")) == "0.500" and fmt(3.14159, 0.1, decimals=1) == "3.1 ± 0.1"
+
+
+def test_heatmap_grid_one_colour_scale_per_row():
+    from harness.report import figures
+
+    rng = np.random.default_rng(0)
+    ids = np.array(["a", "b", "c"])
+    data = {"r0": {"attributions": rng.normal(size=(3, 8, 8)) * 100, "image_ids": ids,
+                   "inputs": np.zeros((3, 8, 8, 3), np.uint8)},
+            "r1": {"attributions": rng.normal(size=(3, 8, 8)) * 0.01, "image_ids": ids}}
+
+    class FakeSweep:
+        def npz(self, run_id, path):
+            return data[run_id]
+
+    runs = _runs([{"xai": "lime", "model": "m"}, {"xai": "ig", "model": "m"}])
+    with figures.paper_style():
+        for scale in ("row", "map"):
+            fig = figures.heatmap_grid(FakeSweep(), runs, n_images=2, scale=scale)
+            axes = np.array(fig.axes[: 2 * 4]).reshape(2, 4)  # input, ig, lime, colour bar per row
+            for r in range(2):
+                clims = {axes[r, c].images[0].get_clim() for c in (1, 2)}
+                assert len(clims) == 1, clims
+                vmax = clims.pop()[1]
+                assert vmax == (1.0 if scale == "map" else pytest.approx(np.abs(data["r0"]["attributions"][r]).max()))
+            assert [ax.get_title() for ax in axes[0, :3]] == ["input", "ig", "lime"]
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)

@@ -93,8 +93,9 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
         else:
             files += figures.save(fig, out, "text_metrics", fmts, dpi)
             cols = ["xai", *hue]
-            means = newest(spoken, cols)[[*cols, *text_scores]]
-            means.to_csv(out / "text_metrics.csv", index=False)
+            picked = newest(spoken, cols)
+            keep = [c for s in text_scores for c in (s, f"{s}_ci95_low", f"{s}_ci95_high") if c in picked.columns]
+            picked[[*cols, *keep, "run_id"]].to_csv(out / "text_metrics.csv", index=False)
             files.append(out / "text_metrics.csv")
             md += ["## Text metrics", "", "![text metrics](text_metrics.png)", ""]
 

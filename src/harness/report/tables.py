@@ -39,7 +39,8 @@ def score_table(runs: pd.DataFrame, info: dict[str, dict], scores: list[str], ro
             table.loc[idx, "best"] = np.isclose(vals, target, rtol=0, atol=1e-12) & vals.notna()
     methods = order_methods(list(table[rows].unique()), order)
     table[rows] = pd.Categorical(table[rows], methods, ordered=True)
-    return table.sort_values([*columns, "score", rows]).reset_index(drop=True)
+    table["_order"] = table["score"].map({s: i for i, s in enumerate(scores)})  # scores in the order given
+    return table.sort_values([*columns, "_order", rows]).drop(columns="_order").reset_index(drop=True)
 
 
 def fmt(mean: float, sem: float, decimals: int | None = None) -> str:
