@@ -75,7 +75,8 @@ def test_dataset_options_build(option, tmp_path):
 def test_model_options_build(option, cache_dir, trained_vit):
     if option in ("cifar_resnet20", "mobilenet_v2_imagenet") and not SHARED.is_dir():
         pytest.skip(f"real test data not found at {SHARED}")
-    extra = ["model.name=vit_tiny_patch16_224", "model.num_classes=3"] if option == "timm" else []
+    extra = {"timm": ["model.name=vit_tiny_patch16_224", "model.num_classes=3"],
+             "vit_b16_imagenet": ["model.pretrained=false"]}.get(option, [])  # no hub weights here
     cfg = make_cfg([f"model={option}", f"paths.cache_dir={cache_dir}", f"paths.shared_data={SHARED}", *extra])
     model = instantiate(cfg.model)
     x, _ = model.preprocess([np.zeros((40, 50, 3), np.uint8)])

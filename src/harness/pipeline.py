@@ -227,7 +227,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
                                (f" ({len(data.skipped)} skipped as unreadable)" if data.skipped else ""))
         model = build(cfg.model)
         explainer = build(cfg.xai)
-        metrics = {name: build(m) for name, m in (cfg.metrics or {}).items()}
+        metrics = {name: build(m) for name, m in (cfg.get("metrics") or {}).items()}
         language = None if cfg.get("mllm") is None else (
             build(cfg.render), build(cfg.prompt), build(cfg.mllm),
             {name: build(m) for name, m in (cfg.get("text_metrics") or {}).items()})

@@ -86,7 +86,7 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
 
         text_scores = list(cfg.text.scores) if cfg.text.scores else sweep.scores(list(cfg.text.families))
         spoken = runs[runs["mllm"] != "none"]
-        hue = [g for g in ("mllm", "prompt", "render") if spoken[g].nunique() > 1] or ["mllm"]
+        hue = ["mllm", *(g for g in ("prompt", "render") if spoken[g].nunique() > 1)]
         fig = figures.text_metrics(spoken, text_scores, sweep.info, hue, order) if len(spoken) else None
         if fig is None:
             gaps.append("text metrics: no run has text scores")

@@ -16,6 +16,11 @@ from harness.text.base import Context, TextMetric
 log = logging.getLogger(__name__)
 
 
+# Models that failed to load in this process (a sweep's jobs share it with the basic launcher): without
+# network and without HF_HUB_OFFLINE each attempt spends about a minute on the hub client's retries.
+_UNAVAILABLE: dict[str, str] = {}
+
+
 class Embedder:
     """Texts to unit vectors: a sentence-transformers model, or TF-IDF when it is not available.
 
@@ -48,8 +53,11 @@ class Embedder:
             try:
                 from sentence_transformers import SentenceTransformer
 
+                if self.model_name in _UNAVAILABLE:  # failed before in this process: no second minute of retries
+                    raise OSError(_UNAVAILABLE[self.model_name])
                 self._model = SentenceTransformer(self.model_name, device=self.device, local_files_only=offline)
             except Exception as e:  # noqa: BLE001 - OSError offline, or a broken folder
+                _UNAVAILABLE.setdefault(self.model_name, f"{type(e).__name__}: {e}")
                 if self.fallback is None:
                     raise HarnessError(f"sentence-transformers model {self.model_name!r} is not available "
                                        f"({type(e).__name__}); give a local folder or set fallback: tfidf") from None
