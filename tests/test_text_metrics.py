@@ -182,3 +182,22 @@ def test_sensitivity_command_over_a_real_sweep(tmp_path, cache_dir, trained_vit)
     bad = subprocess.run([sys.executable, "-m", "harness.sensitivity", "source_experiment=nope",
                           f"hydra.run.dir={tmp_path}/sens2", *store], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 1 and "source_experiment='nope' does not exist" in bad.stderr
+
+
+def test_a_model_that_failed_to_load_is_not_retried_by_the_next_job(monkeypatch):
+    """Offline without HF_HUB_OFFLINE each attempt costs a minute of retries: one per process is enough."""
+    import sentence_transformers
+
+    from harness.text.consistency import Embedder
+
+    calls = []
+
+    def unreachable(*args, **kwargs):
+        calls.append(args)
+        raise OSError("hub unreachable")
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", unreachable)
+    for _ in range(3):
+        emb = Embedder("nobody/not-a-model-" + "x" * 8)
+        assert emb(["one answer", "another answer"]).shape[0] == 2 and emb.name == "tfidf"
+    assert len(calls) == 1
