@@ -105,19 +105,22 @@ def test_heatmap_rows_share_one_scale_and_inputs_are_logged(demo):
 
 
 def test_missing_metrics_leave_gaps_not_crashes(demo, cache_dir, tmp_path):
-    """Runs without faithfulness scores, curves or answers: the report says what is missing."""
+    """Runs without faithfulness scores, curves or answers, sweeping a value (dataset.seed) rather
+    than an option: the report says what is missing and keeps the two variants apart."""
     tmp, store = demo
-    r = run_harness("-m", "xai=random,saliency", "metrics=[pointing_game]", "~mllm", "dataset.n=4",
+    r = run_harness("-m", "xai=random", "dataset.seed=0,1", "metrics=[pointing_game]", "~mllm", "dataset.n=4",
                     "experiment_name=gaps", *store, f"paths.cache_dir={cache_dir}", f"cache.dir={tmp}/stages",
                     f"hydra.sweep.dir={tmp_path}/sweep")
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_module("harness.report", "experiments=[gaps]", *store, f"output_dir={tmp_path}/out", "log_to_mlflow=false",
                    f"hydra.run.dir={tmp_path}/rep")
     assert r.returncode == 0, r.stderr[-3000:]
-    for gap in ("faithfulness table", "curves for vit_tiny_shapes", "figure 1", "text metrics", "XAI sensitivity"):
+    for gap in ("faithfulness table", "curves for vit_tiny_shapes on shapes (dataset.seed=0): no run has curves.npz",
+                "figure 1", "text metrics", "XAI sensitivity"):
         assert f"report: not included: {gap}" in r.stdout, gap
-    assert (tmp_path / "out" / "heatmaps.pdf").exists()
-    assert "## Not in this report" in (tmp_path / "out" / "report.md").read_text()
+    assert (tmp_path / "out" / "heatmaps_1.pdf").exists() and (tmp_path / "out" / "heatmaps_2.pdf").exists()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## Not in this report" in md and "variants): dataset.seed=0; dataset.seed=1." in md
     r = run_module("harness.report", "experiments=[nonexistent]", *store, f"hydra.run.dir={tmp_path}/rep2")
     assert r.returncode == 1 and "harness.report: error: experiment 'nonexistent' not found" in r.stderr
     assert "gaps" in r.stderr and "Traceback" not in r.stderr
@@ -241,7 +244,21 @@ def test_heatmap_grid_one_colour_scale_per_row():
                 assert len(clims) == 1, clims
                 vmax = clims.pop()[1]
                 assert vmax == (1.0 if scale == "map" else pytest.approx(np.abs(data["r0"]["attributions"][r]).max()))
+                for c, run in ((1, "r1"), (2, "r0")):  # map: each map divided by its own max |value|
+                    shown, raw = axes[r, c].images[0].get_array(), data[run]["attributions"][r]
+                    np.testing.assert_allclose(shown, raw / np.abs(raw).max() if scale == "map" else raw)
             assert [ax.get_title() for ax in axes[0, :3]] == ["input", "ig", "lime"]
             import matplotlib.pyplot as plt
 
             plt.close(fig)
+
+
+def test_variants_are_the_values_swept_beyond_the_options():
+    from harness.report.load import variants
+
+    choices = pd.DataFrame({"xai": ["ig", "ig", "lime", "lime"], "model": ["vit"] * 4})
+    params = pd.DataFrame({"xai.n_steps": ["32", "32", None, None], "xai.num_samples": [None, None, "500", "500"],
+                           "seed": ["0", "1", "0", "1"], "run_name": ["a", "b", "c", "d"],
+                           "metrics.srg.steps": ["16", "8", "16", "16"]})
+    assert variants(params, choices).tolist() == ["seed=0", "seed=1", "seed=0", "seed=1"]  # run_name, metrics. ignored
+    assert variants(params.drop(columns="seed"), choices).tolist() == [""] * 4  # option params differ only by choice

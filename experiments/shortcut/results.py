@@ -40,6 +40,7 @@ def main() -> None:
                          "run: python -m harness -m experiment=shortcut")
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                               max_results=1000)
+    runs = [r for r in runs if "choice.xai" in r.data.tags and "kind" not in r.data.tags]  # no report runs
     runs.sort(key=lambda r: (r.data.params["model.train_data.spurious_prob"],
                              -float(r.data.params["dataset.spurious_prob"]), r.data.tags.get("choice.xai", "")))
 

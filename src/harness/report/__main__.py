@@ -29,7 +29,8 @@ def _figure1_runs(sweep, cfg: DictConfig) -> list[str]:
             ids.append(hit["run_id"].iloc[-1])
         return ids
     spoken = newest(runs[runs["mllm"] != "none"], ["xai"])
-    methods = [m for m in order_methods(list(spoken["xai"]), cfg.methods) if m != "random"] or list(spoken["xai"])
+    ordered = order_methods(list(spoken["xai"]), cfg.methods)
+    methods = [m for m in ordered if m != "random"] + [m for m in ordered if m == "random"]  # random last
     return [spoken.loc[spoken["xai"] == m, "run_id"].iloc[-1] for m in methods[: int(cfg.figure1.n_runs)]]
 
 
@@ -45,7 +46,13 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
     md = [f"# Report: {', '.join(cfg.experiments)}", "",
           f"{len(runs)} finished runs" + (f" matching `{cfg.filter}`" if cfg.filter else "") +
           f"; methods: {', '.join(sorted(runs['xai'].unique()))}; models: {', '.join(sorted(runs['model'].unique()))}; "
-          f"datasets: {', '.join(sorted(runs['dataset'].unique()))}.", ""]
+          f"datasets: {', '.join(sorted(runs['dataset'].unique()))}."]
+    if (runs["variant"] != "").any():
+        md.append("Values swept beyond the options (variants): " + "; ".join(sorted(runs["variant"].unique())) + ".")
+    key = ["xai", "model", "dataset", "mllm", "prompt", "render", "variant"]
+    if (replaced := len(runs) - len(newest(runs, key))):
+        md.append(f"{replaced} run(s) repeat the configuration of a newer run and are left out (the newest is used).")
+    md.append("")
 
     columns = tuple(cfg.table.columns)
     scores = list(cfg.table.scores) if cfg.table.scores else sweep.scores(list(cfg.table.families))
@@ -55,29 +62,30 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
         text = tables.to_markdown(table, "xai", columns, cfg.table.decimals)
         (out / "faithfulness.md").write_text(text)
         caption = "Mean ± standard error over images; best per column in bold."
-        (out / "faithfulness.tex").write_text(tables.to_latex(table, "xai", columns, cfg.table.decimals, caption))
+        (out / "faithfulness.tex").write_text(tables.to_latex(table, "xai", columns, cfg.table.decimals, caption,
+                                                              str(cfg.table.label), bool(cfg.table.wide)))
         files += [out / f"faithfulness.{e}" for e in ("csv", "md", "tex")]
         md += ["## Faithfulness", "", text, caption, ""]
     else:
         gaps.append(f"faithfulness table: no run has a score of the families {list(cfg.table.families)}")
 
     with figures.paper_style(float(cfg.style.font_size)):
-        picked = newest(runs, ["xai", "model", "dataset"])
-        groups = list(picked.groupby(["model", "dataset"], sort=True))
-        for (model, dataset), sub in groups:
-            tag = f"_{model}_{dataset}" if len(groups) > 1 else ""
-            for stem, make in (("heatmaps", lambda s: figures.heatmap_grid(
-                    sweep, s, int(cfg.heatmaps.n_images), str(cfg.heatmaps.scale), str(cfg.heatmaps.cmap), order)),
-                    ("curves", lambda s: figures.curves(sweep, s, order))):
-                fig = make(sub)
-                if fig is None:
-                    gaps.append(f"{stem} for {model} on {dataset}: no run has "
-                                f"{'attributions.npz' if stem == 'heatmaps' else 'curves.npz'}")
-                    continue
-                files += figures.save(fig, out, stem + tag, fmts, dpi)
-                md += [f"## {stem.capitalize()}: {model} on {dataset}", "", f"![{stem}]({stem}{tag}.png)", ""]
+        picked = newest(runs, ["xai", "model", "dataset", "variant"])
+        groups = list(picked.groupby(["model", "dataset", "variant"], sort=True))
+        for k, ((model, dataset, variant), sub) in enumerate(groups, start=1):
+            tag = f"_{k}" if len(groups) > 1 else ""
+            title = f"{model} on {dataset}" + (f" ({variant})" if variant else "")
+            for stem, make in (("heatmaps", lambda s, g: figures.heatmap_grid(
+                    sweep, s, int(cfg.heatmaps.n_images), str(cfg.heatmaps.scale), str(cfg.heatmaps.cmap), order, g)),
+                    ("curves", lambda s, g: figures.curves(sweep, s, order, g))):
+                missing: list[str] = []
+                fig = make(sub, missing)
+                gaps += [f"{stem} for {title}: {m}" for m in missing]
+                if fig is not None:
+                    files += figures.save(fig, out, stem + tag, fmts, dpi)
+                    md += [f"## {stem.capitalize()}: {title}", "", f"![{stem}]({stem}{tag}.png)", ""]
 
-        fig = figures.figure1(sweep, _figure1_runs(sweep, cfg), int(cfg.figure1.n_images))
+        fig = figures.figure1(sweep, _figure1_runs(sweep, cfg), int(cfg.figure1.n_images), int(cfg.figure1.max_chars))
         if fig is None:
             gaps.append("figure 1: no chosen run has MLLM answers with rendered images")
         else:
@@ -86,7 +94,7 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
 
         text_scores = list(cfg.text.scores) if cfg.text.scores else sweep.scores(list(cfg.text.families))
         spoken = runs[runs["mllm"] != "none"]
-        hue = ["mllm", *(g for g in ("prompt", "render") if spoken[g].nunique() > 1)]
+        hue = ["mllm", *(g for g in ("prompt", "render", "variant") if spoken[g].nunique() > 1)]
         fig = figures.text_metrics(spoken, text_scores, sweep.info, hue, order) if len(spoken) else None
         if fig is None:
             gaps.append("text metrics: no run has text scores")
@@ -129,7 +137,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     tracker = build(cfg.tracking)
     with tempfile.TemporaryDirectory(prefix="harness-report-") as tmp:
-        sweep = load(tracker.client(), list(cfg.experiments), cfg.filter, tmp)
+        sweep = load(tracker.client(), list(cfg.experiments), cfg.filter, tmp, ignore=tuple(cfg.variant_ignore))
         files, gaps, index = build_report(sweep, cfg, out)
     (out / "report.md").write_text(index)
     files.append(out / "report.md")
@@ -140,7 +148,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with tracker.start_run(cfg.run_name, tags={"kind": "report", "source_experiments": ",".join(cfg.experiments),
                                                    "n_source_runs": str(len(sweep.runs))}) as rec:
             rec.params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-            rec.client.log_artifacts(rec.run_id, str(out))
+            for f in files:  # only what this report wrote, not whatever else sits in output_dir
+                rec.client.log_artifact(rec.run_id, str(f))
             run_id = rec.run_id
     print(f"report: {len(files)} files from {len(sweep.runs)} runs in {out}"
           + (f" (logged as run {run_id} in experiment {cfg.experiment_name!r})" if run_id else ""))

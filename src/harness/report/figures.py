@@ -16,7 +16,9 @@ import pandas as pd
 
 from harness.report.load import Sweep, order_methods
 
-OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000")
+# Okabe & Ito's palette without its yellow, which is too light for lines on white.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#000000")
+LINESTYLES = ("-", "--", ":", "-.")
 FULL_WIDTH = 7.0  # inches: \textwidth of a two-column paper (a column is about 3.3 in)
 
 
@@ -56,33 +58,69 @@ def _bare(ax: Any) -> None:
         spine.set_visible(False)
 
 
+def method_styles(methods: list[str]) -> dict[str, dict[str, str]]:
+    """A fixed colour (and, past 7 methods, line style) per method, the same in every panel."""
+    n = len(OKABE_ITO)
+    return {m: {"color": OKABE_ITO[i % n], "linestyle": LINESTYLES[(i // n) % len(LINESTYLES)]}
+            for i, m in enumerate(methods)}
+
+
+def _small() -> float:
+    """Font size for colour bars and dense text: 2 pt below the body size, at least 6 pt."""
+    import matplotlib.pyplot as plt
+
+    return max(6.0, float(plt.rcParams["font.size"]) - 2)
+
+
+def _legend(fig: Any, axes: Any, ncol: int) -> None:
+    """One legend for the figure, from every panel's lines (a method missing in one panel stays)."""
+    entries: dict[str, Any] = {}
+    for ax in np.ravel(axes):
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(lab, h)
+    fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=min(len(entries), ncol),
+               frameon=False, bbox_to_anchor=(0.5, 1.0))
+
+
+def _missing(methods: list[str], artifact: str, some: bool) -> str:
+    return f"the runs of {', '.join(methods)} have no {artifact}" if some else f"no run has {artifact}"
+
+
 def _label(s: str) -> str:
     return s.replace("_", " ")
 
 
 def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str = "map", cmap: str = "RdBu_r",
-                 order: list[str] | None = None) -> Any | None:
+                 order: list[str] | None = None, gaps: list[str] | None = None) -> Any | None:
     """Images as rows (the input first), methods as columns, one colour scale (and colour bar)
     per row, symmetric around 0. ``scale='map'``: each map is first divided by its own largest
     |value|, so the row's scale is [-1, 1] and every method shows its full range (methods differ
     in units by orders of magnitude); ``'row'``: raw values, the scale set by the largest
     |attribution| of any method on that image (for methods in the same units). Only images
-    every run explained are shown. None when no run has ``attributions.npz``."""
+    every run explained are shown; NaN pixels are drawn as 0. None when nothing can be drawn;
+    what is left out is appended to ``gaps``."""
     if scale not in ("row", "map"):
         from harness.types import HarnessError
 
         raise HarnessError(f"heatmaps.scale={scale!r} is not valid; valid: row, map")
-    maps, inputs, ids = {}, {}, None
+    gaps = [] if gaps is None else gaps
+    maps, inputs, ids, missing = {}, {}, None, []
     for method in order_methods(list(runs["xai"]), order):
         z = sweep.npz(runs.loc[runs["xai"] == method, "run_id"].iloc[-1], "attributions.npz")
         if z is None:
+            missing.append(method)
             continue
         run_ids = [str(i) for i in z["image_ids"]]
-        maps[method] = dict(zip(run_ids, z["attributions"]))
+        maps[method] = {i: np.nan_to_num(m.astype(float)) for i, m in zip(run_ids, z["attributions"])}
         if "inputs" in z:
             inputs.update(zip(run_ids, z["inputs"]))
         ids = run_ids if ids is None else [i for i in ids if i in maps[method]]
-    if not maps or not ids:
+    if missing:
+        gaps.append(_missing(missing, "attributions.npz", bool(maps)))
+    if not maps:
+        return None
+    if not ids:
+        gaps.append("no image was explained by every run (their image ids differ)")
         return None
     ids = ids[:n_images]
     with_input = all(i in inputs for i in ids)
@@ -94,28 +132,30 @@ def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str
                              gridspec_kw={"width_ratios": [1] * ncol + [0.07]})
     for r, image_id in enumerate(ids):
         vmax = 1.0 if scale == "map" else (max(float(np.abs(m[image_id]).max()) for m in maps.values()) or 1.0)
+        cb_label = "map / max|map|" if scale == "map" else "relevance"
         if with_input:
             axes[r, 0].imshow(inputs[image_id])
         for c, (method, m) in enumerate(maps.items(), start=with_input):
-            a = m[image_id].astype(float)
+            a = m[image_id]
             if scale == "map":
                 a = a / (np.abs(a).max() or 1.0)
             im = axes[r, c].imshow(a, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
             if r == 0:
                 axes[r, c].set_title(_label(method))
         cb = fig.colorbar(im, cax=axes[r, -1])
-        cb.ax.tick_params(labelsize=5)
+        cb.ax.tick_params(labelsize=_small())
+    cb.set_label(cb_label, fontsize=_small())
     if with_input:
         axes[0, 0].set_title("input")
-        cb.set_label("map / max|map|" if scale == "map" else "relevance", fontsize=5)
     for ax in axes[:, :-1].flat:
         _bare(ax)
     return fig
 
 
-def figure1(sweep: Sweep, run_ids: list[str], n_images: int = 2, wrap: int = 60) -> Any | None:
-    """The source paper's Figure 1: the input | what the MLLM saw | the MLLM's answer, one line
-    per (run, image). None when none of the runs has answers."""
+def figure1(sweep: Sweep, run_ids: list[str], n_images: int = 2, max_chars: int = 600, wrap: int = 60) -> Any | None:
+    """The source paper's Figure 1: the input | what the MLLM saw | the MLLM's answer (cut at
+    ``max_chars`` with an ellipsis), one line per (run, image). None when none of the runs has
+    answers."""
     from PIL import Image
 
     lines = []
@@ -144,9 +184,10 @@ def figure1(sweep: Sweep, run_ids: list[str], n_images: int = 2, wrap: int = 60)
         if original is not None:
             axes[r, 0].imshow(original)
         axes[r, 1].imshow(shown)
-        axes[r, 0].set_ylabel(f"{_label(run['xai'])} · {_label(run['mllm'])}\n{a['image_id']}", fontsize=6)
-        text = "\n".join(textwrap.fill(p, wrap) for p in a["text"].splitlines() if p.strip())
-        axes[r, 2].text(0, 1, text, va="top", ha="left", fontsize=6.5, wrap=True, transform=axes[r, 2].transAxes)
+        axes[r, 0].set_ylabel(f"{_label(run['xai'])} · {_label(run['mllm'])}\n{a['image_id']}", fontsize=_small())
+        answer = a["text"] if len(a["text"]) <= max_chars else a["text"][:max_chars].rsplit(" ", 1)[0] + " …"
+        text = "\n".join(textwrap.fill(p, wrap) for p in answer.splitlines() if p.strip())
+        axes[r, 2].text(0, 1, text, va="top", ha="left", fontsize=_small() + 0.5, transform=axes[r, 2].transAxes)
         axes[r, 2].axis("off")
         for ax in axes[r, :2]:
             _bare(ax)
@@ -155,13 +196,20 @@ def figure1(sweep: Sweep, run_ids: list[str], n_images: int = 2, wrap: int = 60)
     return fig
 
 
-def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None) -> Any | None:
+def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None,
+           gaps: list[str] | None = None) -> Any | None:
     """Perturbation curves, one panel per curve (SRG MoRF/LeRF, pixel flipping, ...), one line
-    per method: the mean over images ± one standard error. None when no run has curves."""
+    per method (same colour in every panel): the mean over images ± one standard error. None
+    when no run has curves; methods without are appended to ``gaps``."""
+    gaps = [] if gaps is None else gaps
+    methods = order_methods(list(runs["xai"]), order)
+    styles = method_styles(methods)
     panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-    for method in order_methods(list(runs["xai"]), order):
+    missing = []
+    for method in methods:
         z = sweep.npz(runs.loc[runs["xai"] == method, "run_id"].iloc[-1], "curves.npz")
         if z is None:
+            missing.append(method)
             continue
         xs = {k[:-2]: v for k, v in z.items() if k.endswith("_x")}
         for key, ys in z.items():
@@ -169,6 +217,8 @@ def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None) -> 
             if key.endswith("_x") or owner is None or ys.ndim != 2:
                 continue
             panels.setdefault(key, {})[method] = (xs[owner], ys)
+    if missing:
+        gaps.append(_missing(missing, "curves.npz", bool(panels)))
     if not panels:
         return None
     import matplotlib.pyplot as plt
@@ -183,15 +233,13 @@ def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None) -> 
                 continue
             mean = ys.mean(0)
             sem = ys.std(0, ddof=1) / np.sqrt(len(ys)) if len(ys) > 1 else np.zeros_like(mean)
-            line, = ax.plot(x, mean, label=_label(method), lw=1.2)
-            ax.fill_between(x, mean - sem, mean + sem, color=line.get_color(), alpha=0.2, lw=0)
+            ax.plot(x, mean, label=_label(method), lw=1.2, **styles[method])
+            ax.fill_between(x, mean - sem, mean + sem, color=styles[method]["color"], alpha=0.2, lw=0)
         ax.set(title=_label(key), xlabel="share removed")
     axes[0, 0].set_ylabel("model output")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False,
-               bbox_to_anchor=(0.5, 1.0))
+    _legend(fig, axes, 7)
     fig.tight_layout()
     return fig
 
@@ -230,13 +278,13 @@ def text_metrics(runs: pd.DataFrame, scores: list[str], info: dict[str, dict], h
             sub = runs[key == name].drop_duplicates("xai", keep="last").set_index("xai").reindex(methods)
             mean, low, high = interval(sub.reset_index(), score)
             x = np.arange(len(methods)) - 0.4 + width * (g + 0.5)
-            ax.errorbar(x, mean, yerr=[mean - low, high - mean], fmt="o", ms=3, lw=1, capsize=1.5, label=name)
+            yerr = np.clip([mean - low, high - mean], 0, None)  # an interval need not contain the mean
+            ax.errorbar(x, mean, yerr=yerr, fmt="o", ms=3, lw=1, capsize=1.5, label=name)
         arrow = "↑" if info.get(score, {}).get("higher_is_better", True) else "↓"
         ax.set_title(f"{_label(score)} {arrow}")
         ax.set_xticks(range(len(methods)), [_label(m) for m in methods], rotation=45, ha="right")
     for ax in axes.flat[len(scores):]:
         ax.axis("off")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), frameon=False, bbox_to_anchor=(0.5, 1.0))
+    _legend(fig, axes, 4)
     fig.tight_layout()
     return fig

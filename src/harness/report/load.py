@@ -27,7 +27,8 @@ class Sweep:
 
     ``runs`` has one row per job run: ``run_id``, ``experiment``, ``run_name``, ``start_time``,
     one column per option group (``xai``, ``model``, ``dataset``, ``mllm``, ``prompt``,
-    ``render``; ``mllm`` is ``none`` when the run had no language stage) and one column per
+    ``render``; ``mllm`` is ``none`` when the run had no language stage), ``variant`` (the
+    values swept beyond the options, e.g. ``seed=1``; empty when none) and one column per
     summary metric. ``summaries`` holds the sensitivity summary runs (tag ``kind=summary``).
     ``info`` maps each score to its ``family`` and ``higher_is_better`` (from the runs' tags).
     """
@@ -78,10 +79,29 @@ def _search(client, experiment_ids: list[str], filter_string: str) -> list[Any]:
             return runs
 
 
+# Params that never make two runs' results different (bookkeeping, which scores were computed).
+IGNORE = ("run_name", "experiment_name", "tracking.", "paths.", "cache.", "language.cache_dir", "metrics.",
+          "text_metrics.", "max_overlays", "batch_size", "isolation", "resume")
+
+
+def variants(params: pd.DataFrame, choices: pd.DataFrame, ignore: tuple[str, ...] = IGNORE) -> pd.Series:
+    """A label per run for the values a sweep varied beyond the option choices, e.g.
+    ``model.train_data.spurious_prob=1.0``: the params (not in ``ignore``) that differ between
+    runs with the same choices. Empty when there are none."""
+    keep = [c for c in params.columns if not c.startswith(ignore)]
+    params = params[keep].fillna("∅").astype(str)
+    varying = sorted({c for _, idx in choices.groupby(list(choices.columns), dropna=False).groups.items()
+                      for c in keep if params.loc[idx, c].nunique() > 1})
+    return params[varying].apply(lambda r: ", ".join(f"{k}={v}" for k, v in r.items()), axis=1) if varying \
+        else pd.Series("", index=params.index)
+
+
 def load(client, experiments: list[str], filter_string: str | None = None, cache: str | Path = ".",
-         status: str = "FINISHED") -> Sweep:
-    """Read the runs of ``experiments`` (names) whose status is ``status`` and that match the
-    MLflow ``filter_string`` (e.g. ``tags.`choice.model` = 'vit_tiny_shapes'``)."""
+         status: str = "FINISHED", ignore: tuple[str, ...] = IGNORE) -> Sweep:
+    """Read the job runs of ``experiments`` (names) whose status is ``status`` and that match the
+    MLflow ``filter_string`` (e.g. ``tags.`choice.model` = 'vit_tiny_shapes'``), and their
+    sensitivity summary runs (unfiltered). Each run's ``variant`` names the values its sweep
+    varied beyond the option choices (see :func:`variants`)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise here
     exps = []
     for name in experiments:
@@ -92,20 +112,20 @@ def load(client, experiments: list[str], filter_string: str | None = None, cache
                                f"{', '.join(known) or 'none'}")
         exps.append(exp)
     names = {e.experiment_id: e.name for e in exps}
-    where = f"attributes.status = '{status}'" + (f" and {filter_string}" if filter_string else "")
-    rows, summaries, info = [], [], {}
-    for run in _search(client, list(names), where):
-        tags, kind = run.data.tags, run.data.tags.get("kind")
-        base = {"run_id": run.info.run_id, "experiment": names[run.info.experiment_id],
-                "run_name": run.info.run_name, "start_time": run.info.start_time}
-        if kind == "summary":
-            summaries.append({**base, "source_experiment": tags.get("source_experiment"),
-                              "verdict": tags.get("verdict"), "embedding": tags.get("embedding"),
-                              **run.data.metrics})
+    done = f"attributes.status = '{status}'"
+    base = lambda run: {"run_id": run.info.run_id, "experiment": names[run.info.experiment_id],  # noqa: E731
+                        "run_name": run.info.run_name, "start_time": run.info.start_time}
+    summaries = [{**base(run), "source_experiment": run.data.tags.get("source_experiment"),
+                  "verdict": run.data.tags.get("verdict"), "embedding": run.data.tags.get("embedding"),
+                  **run.data.metrics}
+                 for run in _search(client, list(names), f"{done} and tags.kind = 'summary'")]
+    rows, params, info = [], [], {}
+    for run in _search(client, list(names), done + (f" and {filter_string}" if filter_string else "")):
+        tags = run.data.tags
+        if "kind" in tags or "choice.xai" not in tags:  # summaries, reports, benchmarks, foreign runs
             continue
-        if kind is not None or "choice.xai" not in tags:  # reports, benchmarks, foreign runs
-            continue
-        rows.append({**base, **{g: tags.get(f"choice.{g}", "none") for g in GROUPS}, **run.data.metrics})
+        rows.append({**base(run), **{g: tags.get(f"choice.{g}", "none") for g in GROUPS}, **run.data.metrics})
+        params.append(run.data.params)
         for key, value in tags.items():
             prefix, _, score = key.partition(".")
             if prefix in ("family", "higher_is_better"):
@@ -113,20 +133,17 @@ def load(client, experiments: list[str], filter_string: str | None = None, cache
     if not rows:
         raise HarnessError(f"no {status.lower()} job runs in experiment(s) {', '.join(experiments)}"
                            + (f" matching {filter_string!r}" if filter_string else ""))
-    runs = pd.DataFrame(rows).sort_values("start_time", kind="stable").reset_index(drop=True)
+    runs = pd.DataFrame(rows)
+    runs.insert(len(GROUPS) + 4, "variant", variants(pd.DataFrame(params), runs[list(GROUPS)], tuple(ignore)))
+    runs = runs.sort_values("start_time", kind="stable").reset_index(drop=True)
     info = {s: {"family": i.get("family", "other"), "higher_is_better": i.get("higher_is_better", True)}
             for s, i in sorted(info.items())}
     return Sweep(client, runs, pd.DataFrame(summaries), info, Path(cache))
 
 
 def newest(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """One run per combination of ``keys``: the newest. Logs which combinations had several (a
-    repeated job, or options outside ``keys`` that differ: narrow them with ``filter``)."""
-    counts = runs.groupby(keys, dropna=False).size()
-    if (dup := counts[counts > 1]).size:
-        log.warning("%d combination(s) of %s have several runs; the newest of each is used (%s)", dup.size,
-                    "/".join(keys), "; ".join("/".join(map(str, k if isinstance(k, tuple) else (k,)))
-                                              for k in dup.index[:5]))
+    """One run per combination of ``keys``: the newest. Runs that differ only outside ``keys``
+    (a repeated job; other MLLMs or prompts over the same attributions) collapse to one."""
     return runs.sort_values("start_time", kind="stable").groupby(keys, dropna=False, sort=False).tail(1)
 
 

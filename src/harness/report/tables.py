@@ -80,20 +80,25 @@ def to_markdown(table: pd.DataFrame, rows: str = "xai", columns: tuple[str, ...]
     return "\n".join(lines) + "\n"
 
 
+_TEX = {"\\": r"\textbackslash{}", "_": r"\_", "&": r"\&", "%": r"\%", "#": r"\#", "$": r"\$", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "↑": r"$\uparrow$",
+        "↓": r"$\downarrow$", "±": r"$\pm$", "–": "--", "·": r"$\cdot$", "\N{MINUS SIGN}": "$-$"}
+
+
 def _tex(s: str) -> str:
-    s = re.sub(r"(?<![\w.])-(?=\d)", "\N{MINUS SIGN}", s)
-    return (s.replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
-            .replace("#", r"\#").replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("±", r"$\pm$")
-            .replace("–", "--").replace("\N{MINUS SIGN}", "$-$"))
+    s = re.sub(r"(?<![\w.])-(?=\d)", "\N{MINUS SIGN}", s)  # a negative number's sign
+    return "".join(_TEX.get(c, c) for c in s)
 
 
 def to_latex(table: pd.DataFrame, rows: str = "xai", columns: tuple[str, ...] = ("model", "dataset"),
-             decimals: int | None = None, caption: str = "", label: str = "tab:faithfulness") -> str:
+             decimals: int | None = None, caption: str = "", label: str = "tab:faithfulness",
+             wide: bool = False) -> str:
     """A booktabs table; header levels that repeat (model, dataset) are spanned with
-    ``\\multicolumn``."""
+    ``\\multicolumn``; ``wide`` makes it a ``table*`` across both columns of a two-column paper."""
     header, names, cells, best = _grid(table, rows, columns, decimals)
     levels = len(header[0]) if header else 1
-    out = [r"\begin{table}[t]", r"\centering", r"\small", r"\begin{tabular}{l" + "c" * len(header) + "}", r"\toprule"]
+    env = "table*" if wide else "table"
+    out = [rf"\begin{{{env}}}[t]", r"\centering", r"\small", r"\begin{tabular}{l" + "c" * len(header) + "}", r"\toprule"]
     for lvl in range(levels):
         spans, i = [], 0
         while i < len(header):
@@ -111,5 +116,5 @@ def to_latex(table: pd.DataFrame, rows: str = "xai", columns: tuple[str, ...] = 
     out += [r"\bottomrule", r"\end{tabular}"]
     if caption:
         out.append(rf"\caption{{{_tex(caption)}}}")
-    out += [rf"\label{{{label}}}", r"\end{table}"]
+    out += [rf"\label{{{label}}}", rf"\end{{{env}}}"]
     return "\n".join(out) + "\n"
