@@ -221,16 +221,17 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
         rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         seed_everything(cfg.seed)
 
-        data: ImageSet = build(cfg.dataset)
-        if len(data) == 0:
-            raise HarnessError("the dataset yielded no images" +
-                               (f" ({len(data.skipped)} skipped as unreadable)" if data.skipped else ""))
-        model = build(cfg.model)
+        # The cheap parts first, so a bad prompt or metric setting stops the job before data and model load.
         explainer = build(cfg.xai)
         metrics = {name: build(m) for name, m in (cfg.get("metrics") or {}).items()}
         language = None if cfg.get("mllm") is None else (
             build(cfg.render), build(cfg.prompt), build(cfg.mllm),
             {name: build(m) for name, m in (cfg.get("text_metrics") or {}).items()})
+        data: ImageSet = build(cfg.dataset)
+        if len(data) == 0:
+            raise HarnessError("the dataset yielded no images" +
+                               (f" ({len(data.skipped)} skipped as unreadable)" if data.skipped else ""))
+        model = build(cfg.model)
         _check_capabilities(explainer, model)
 
         x, masks = model.preprocess(data.images, data.masks)

@@ -183,6 +183,9 @@ def figure1(sweep: Sweep, run_ids: list[str], n_images: int = 2, max_chars: int 
     for r, (run, a, original, shown) in enumerate(lines):
         if original is not None:
             axes[r, 0].imshow(original)
+        else:  # runs logged before attributions.npz kept the inputs
+            axes[r, 0].text(0.5, 0.5, "input not logged", ha="center", va="center", fontsize=_small(),
+                            transform=axes[r, 0].transAxes)
         axes[r, 1].imshow(shown)
         axes[r, 0].set_ylabel(f"{_label(run['xai'])} · {_label(run['mllm'])}\n{a['image_id']}", fontsize=_small())
         answer = a["text"] if len(a["text"]) <= max_chars else a["text"][:max_chars].rsplit(" ", 1)[0] + " …"
