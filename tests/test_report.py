@@ -124,6 +124,9 @@ def test_missing_metrics_leave_gaps_not_crashes(demo, cache_dir, tmp_path):
     r = run_module("harness.report", "experiments=[nonexistent]", *store, f"hydra.run.dir={tmp_path}/rep2")
     assert r.returncode == 1 and "harness.report: error: experiment 'nonexistent' not found" in r.stderr
     assert "gaps" in r.stderr and "Traceback" not in r.stderr
+    r = run_module("harness.report", "experiments=[gaps]", "table.columns=[model,seed]", *store,
+                   f"hydra.run.dir={tmp_path}/rep3", f"output_dir={tmp_path}/out3")
+    assert r.returncode == 1 and "table.columns has ['seed']; valid: model, dataset, mllm" in r.stderr
 
 
 def test_notebook_executes_on_the_demo_runs(demo, tmp_path):

@@ -14,6 +14,7 @@ from harness import CONF_DIR
 from harness.types import HarnessError, exit_cleanly
 
 log = logging.getLogger(__name__)
+FORMATS = ("png", "pdf", "svg", "eps")
 
 
 def _figure1_runs(sweep, cfg: DictConfig) -> list[str]:
@@ -37,7 +38,7 @@ def _figure1_runs(sweep, cfg: DictConfig) -> list[str]:
 def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[str], str]:
     """Write every table and figure into ``out``; returns (files, gaps, markdown index)."""
     from harness.report import figures, tables
-    from harness.report.load import newest
+    from harness.report.load import GROUPS, newest
 
     files, gaps = [], []
     order = list(cfg.methods) if cfg.methods else None
@@ -55,6 +56,11 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
     md.append("")
 
     columns = tuple(cfg.table.columns)
+    valid = [g for g in (*GROUPS, "variant") if g != "xai"]
+    if bad := [c for c in columns if c not in valid]:
+        raise HarnessError(f"table.columns has {bad}; valid: {', '.join(valid)}")
+    if bad := [f for f in fmts if f not in FORMATS]:
+        raise HarnessError(f"style.formats has {bad}; valid: {', '.join(FORMATS)}")
     scores = list(cfg.table.scores) if cfg.table.scores else sweep.scores(list(cfg.table.families))
     if scores:
         table = tables.score_table(runs, sweep.info, scores, "xai", columns, order)
