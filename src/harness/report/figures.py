@@ -59,10 +59,13 @@ def _bare(ax: Any) -> None:
 
 
 def method_styles(methods: list[str]) -> dict[str, dict[str, str]]:
-    """A fixed colour (and, past 7 methods, line style) per method, the same in every panel."""
-    n = len(OKABE_ITO)
-    return {m: {"color": OKABE_ITO[i % n], "linestyle": LINESTYLES[(i // n) % len(LINESTYLES)]}
-            for i, m in enumerate(methods)}
+    """A fixed colour (and, past 6 methods, line style) per method, the same in every panel; the
+    ``random`` baseline is black and dashed."""
+    colours = OKABE_ITO[:-1]  # black is the baseline's
+    others = [m for m in methods if m != "random"]
+    styles = {m: {"color": colours[i % len(colours)], "linestyle": LINESTYLES[(i // len(colours)) % len(LINESTYLES)]}
+              for i, m in enumerate(others)}
+    return {"random": {"color": "#000000", "linestyle": "--"}, **styles} if "random" in methods else styles
 
 
 def _small() -> float:
