@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 def load_answers(client, experiment_id: str, tmp: Path):
     """Every answer of the experiment's finished runs, with the run's option choices."""
+    import os
+
     import pandas as pd
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise
 
     rows = []
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")

@@ -107,7 +107,7 @@ def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str
 
         raise HarnessError(f"heatmaps.scale={scale!r} is not valid; valid: row, map")
     gaps = [] if gaps is None else gaps
-    maps, inputs, ids, missing = {}, {}, None, []
+    maps, inputs, labels, ids, missing = {}, {}, {}, None, []
     for method in order_methods(list(runs["xai"]), order):
         z = sweep.npz(runs.loc[runs["xai"] == method, "run_id"].iloc[-1], "attributions.npz")
         if z is None:
@@ -117,6 +117,10 @@ def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str
         maps[method] = {i: np.nan_to_num(m.astype(float)) for i, m in zip(run_ids, z["attributions"])}
         if "inputs" in z:
             inputs.update(zip(run_ids, z["inputs"]))
+        if "class_names" in z:
+            names = [str(c) for c in z["class_names"]]
+            labels.update({i: names[int(y)] if 0 <= int(y) < len(names) else str(y)
+                           for i, y in zip(run_ids, z["labels"])})
         ids = run_ids if ids is None else [i for i in ids if i in maps[method]]
     if missing:
         gaps.append(_missing(missing, "attributions.npz", bool(maps)))
@@ -138,6 +142,7 @@ def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str
         cb_label = "map / max|map|" if scale == "map" else "relevance"
         if with_input:
             axes[r, 0].imshow(inputs[image_id])
+        axes[r, 0].set_ylabel(labels.get(image_id, image_id), fontsize=_small())
         for c, (method, m) in enumerate(maps.items(), start=with_input):
             a = m[image_id]
             if scale == "map":
@@ -147,7 +152,8 @@ def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str
                 axes[r, c].set_title(_label(method))
         cb = fig.colorbar(im, cax=axes[r, -1])
         cb.ax.tick_params(labelsize=_small())
-    cb.set_label(cb_label, fontsize=_small())
+        if r == 0:
+            cb.set_label(cb_label, fontsize=_small())
     if with_input:
         axes[0, 0].set_title("input")
     for ax in axes[:, :-1].flat:
@@ -242,7 +248,7 @@ def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None,
             ax.plot(x, mean, label=_label(method), lw=1.2, **styles[method])
             ax.fill_between(x, mean - sem, mean + sem, color=styles[method]["color"], alpha=0.2, lw=0)
         ax.set(title=_label(key), xlabel="share removed")
-    axes[0, 0].set_ylabel("model output")
+    axes[0, 0].set_ylabel("target class output")
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     _legend(fig, axes, 7)
