@@ -23,12 +23,18 @@ def region_name(row: int, col: int) -> str:
     return f"{ROWS[row]} {COLS[col]}"
 
 
+def grid_cells(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 3 x 3 grid row of each pixel row, and column of each pixel column, of an
+    ``height x width`` image."""
+    return np.minimum(np.arange(height) * 3 // height, 2), np.minimum(np.arange(width) * 3 // width, 2)
+
+
 def mass_grid(attribution: np.ndarray) -> np.ndarray:
     """Share of the positive attribution mass in each cell of a 3 x 3 grid (sums to 1; zeros
     when the map has no positive part)."""
     a = np.clip(np.nan_to_num(np.asarray(attribution, dtype=np.float64)), 0, None)
     h, w = a.shape
-    r, c = np.minimum(np.arange(h) * 3 // h, 2), np.minimum(np.arange(w) * 3 // w, 2)
+    r, c = grid_cells(h, w)
     grid = np.zeros((3, 3))
     np.add.at(grid, (r[:, None].repeat(w, 1), c[None, :].repeat(h, 0)), a)
     total = grid.sum()

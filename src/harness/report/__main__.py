@@ -13,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from harness import CONF_DIR
 from harness.types import HarnessError, exit_cleanly
 
-log = logging.getLogger(__name__)
 FORMATS = ("png", "pdf", "svg", "eps")
 
 

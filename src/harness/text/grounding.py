@@ -10,7 +10,7 @@ import numpy as np
 
 from harness.evaluation.region_mass import box_inside, check_box
 from harness.mllm.base import Record
-from harness.mllm.verbaliser import mass_grid
+from harness.mllm.verbaliser import grid_cells, mass_grid
 from harness.text.base import Context, TextMetric, words
 
 _V, _H = r"(upper|top|lower|bottom)", r"(left|right|centre|center|middle)"
@@ -46,12 +46,6 @@ def mentioned_regions(text: str) -> list[set[tuple[int, int]]]:
         else:
             out.append({(1, 1)})
     return out
-
-
-def grid_cells(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The 3 x 3 grid row of each pixel row and column of each pixel column, as the verbaliser's
-    :func:`~harness.mllm.verbaliser.mass_grid` cuts an ``height x width`` map."""
-    return np.minimum(np.arange(height) * 3 // height, 2), np.minimum(np.arange(width) * 3 // width, 2)
 
 
 def box_share_in_cells(box: tuple[int, int, int, int], cells: set[tuple[int, int]], height: int,
