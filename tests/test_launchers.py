@@ -5,11 +5,16 @@ from mlflow import MlflowClient
 from conftest import run_harness
 
 
+def store_args(tmp_path, cache_dir) -> list[str]:
+    """The trained ViT's cache, and a stage cache, store and sweep folder of the test's own."""
+    return [f"paths.cache_dir={cache_dir}", f"cache.dir={tmp_path}/stages", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+            f"tracking.artifact_location={tmp_path}/a", f"hydra.sweep.dir={tmp_path}/sweep"]
+
+
 def test_joblib_three_jobs_two_workers_one_sqlite_store(tmp_path, cache_dir, trained_vit):
     r = run_harness("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "xai=random,saliency,ixg",
-                    "dataset.n=3", "metrics=[srg]", f"paths.cache_dir={cache_dir}", f"cache.dir={tmp_path}/stages",
-                    f"language.cache_dir={tmp_path}/answers", f"tracking.uri=sqlite:///{tmp_path}/m.db",
-                    f"tracking.artifact_location={tmp_path}/a", f"hydra.sweep.dir={tmp_path}/sweep")
+                    "dataset.n=3", "metrics=[srg]", f"language.cache_dir={tmp_path}/answers",
+                    *store_args(tmp_path, cache_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sweep: 3 jobs: 3 finished, 0 skipped (already finished), 0 failed" in r.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
@@ -25,9 +30,7 @@ def test_joblib_three_jobs_two_workers_one_sqlite_store(tmp_path, cache_dir, tra
 def test_submitit_local_executor_runs_the_sweep(tmp_path, cache_dir, trained_vit):
     """The SLURM launcher's code path, with submitit's local executor: each job in its own process."""
     r = run_harness("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "xai=random,saliency",
-                    "dataset.n=2", "metrics=[srg]", "~mllm", f"paths.cache_dir={cache_dir}",
-                    f"cache.dir={tmp_path}/stages", f"tracking.uri=sqlite:///{tmp_path}/m.db",
-                    f"tracking.artifact_location={tmp_path}/a", f"hydra.sweep.dir={tmp_path}/sweep")
+                    "dataset.n=2", "metrics=[srg]", "~mllm", *store_args(tmp_path, cache_dir))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "sweep: 2 jobs: 2 finished, 0 skipped (already finished), 0 failed" in r.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
