@@ -7,7 +7,8 @@ import torch
 
 from harness.evaluation.randomisation import EfficientMPRT, RandomLogit, entropy, randomised
 from harness.evaluation.robustness import MaxSensitivity
-from harness.pipeline import explain, evaluate
+from harness.evaluation.stage import evaluate
+from harness.xai.stage import explain
 from harness.xai.gradients import Saliency
 from test_faithfulness_metrics import conv_model, data, quantus_call
 from test_metrics import contributions, linear_model

@@ -144,7 +144,7 @@ def test_region_mass_refuses_a_bad_box():
 
 
 def test_aggregate_mean_sem_and_bootstrap_interval():
-    from harness.pipeline import _aggregate
+    from harness.evaluation.stage import aggregate as _aggregate
 
     v = np.random.default_rng(1).normal(2.0, 1.0, size=400)
     agg = _aggregate({"m": np.append(v, np.nan)})  # NaN images are left out
@@ -157,7 +157,7 @@ def test_aggregate_mean_sem_and_bootstrap_interval():
 
 
 def test_srg_softmax_variant_logs_beside_srg_and_clashes_are_refused():
-    from harness.pipeline import evaluate
+    from harness.evaluation.stage import evaluate
 
     torch.manual_seed(0)
     model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3)), input_size=8).eval()
@@ -188,7 +188,7 @@ def test_curves_plot_one_panel_per_metric_with_curves(tmp_path):
 
 
 def test_a_metric_failing_on_one_image_scores_nan_with_the_reason():
-    from harness.pipeline import evaluate
+    from harness.evaluation.stage import evaluate
 
     class Flaky:
         higher_is_better = True

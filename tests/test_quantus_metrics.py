@@ -146,7 +146,7 @@ def test_missing_or_empty_mask_is_nan_and_others_still_score(cls):
 
 
 def test_a_quantus_exception_on_one_image_gives_nan_for_that_image(caplog):
-    from harness.pipeline import evaluate
+    from harness.evaluation.stage import evaluate
 
     m = block_mask()
     a = np.stack([m.astype(float), rand_map(8), m.astype(float)])
@@ -195,7 +195,8 @@ def test_options_compose_with_hydra_and_run_in_evaluate():
     from conftest import make_cfg
 
     from harness.evaluation.perturbation import SRG
-    from harness.pipeline import build, evaluate
+    from harness.components import build
+    from harness.evaluation.stage import evaluate
 
     cfg = make_cfg(["metrics=[srg,sparseness]"])
     metrics = {name: build(node) for name, node in cfg.metrics.items()}

@@ -9,7 +9,8 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import make_cfg
-from harness.pipeline import evaluate, explain
+from harness.evaluation.stage import evaluate
+from harness.xai.stage import explain
 from harness.xai.base import methods_for
 
 METHODS = [m for m in methods_for("vit") if m != "random"]

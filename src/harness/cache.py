@@ -99,6 +99,15 @@ class StageCache:
             Path(tmp).unlink(missing_ok=True)
             raise
 
+    def fetch(self, stage: str, key: str, compute: Any) -> dict[str, np.ndarray]:
+        """The entry for ``key``, or ``compute()`` stored under it: the one place a stage's
+        cache is read, written and counted."""
+        if (hit := self.get(stage, key)) is not None:
+            return hit
+        out = compute()
+        self.put(stage, key, out)
+        return out
+
     def counts(self) -> dict[str, float]:
         """``cache_hits_<stage>`` and ``cache_misses_<stage>`` for every stage looked up."""
         stages = sorted(set(self.hits) | set(self.misses))

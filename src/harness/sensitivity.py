@@ -46,7 +46,7 @@ def load_answers(client, experiment_id: str, tmp: Path):
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    from harness.pipeline import build
+    from harness.components import build
     from harness.text.consistency import Embedder
     from harness.text.sensitivity import plot, sensitivity
 

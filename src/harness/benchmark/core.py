@@ -108,7 +108,7 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 def explain_in_chunks(fn: Callable[[torch.Tensor, torch.Tensor], Any], x: torch.Tensor, t: torch.Tensor,
                       batch_size: int) -> None:
-    """``fn`` on ``x`` ``batch_size`` images at a time, as :func:`harness.pipeline.explain` calls."""
+    """``fn`` on ``x`` ``batch_size`` images at a time, as :func:`harness.xai.stage.explain` calls."""
     for i in range(0, len(x), batch_size):
         fn(x[i : i + batch_size], t[i : i + batch_size])
 
@@ -151,14 +151,14 @@ def bench_method(name: str, explainer: Any, model: torch.nn.Module, x: torch.Ten
                  cfg: DictConfig) -> dict[str, Any]:
     """One row of the table for one method (``status`` ok, n/a or error)."""
     from harness.benchmark.refs import NoReference, reference
-    from harness.pipeline import _check_capabilities
+    from harness.components import check_capabilities
     from harness.xai.base import model_device
 
     row: dict[str, Any] = {c: None for c in COLUMNS} | {"method": name, "status": "ok", "notes": ""}
     notes: list[str] = []
     dev = model_device(model)
     try:
-        _check_capabilities(explainer, model)
+        check_capabilities(explainer, model)
     except HarnessError as e:
         return row | {"status": "n/a", "reference": "n/a", "notes": f"n/a ({e})"}
     n, per_call = len(x), max(1, min(int(cfg.batch_size), len(x)))
@@ -269,7 +269,7 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 def benchmark_inputs(cfg: DictConfig) -> tuple[Any, torch.nn.Module, int]:
     """The dataset, the model and the number of images to time, with the shared checks."""
-    from harness.pipeline import build
+    from harness.components import build
 
     if int(cfg.n_images) < 1:
         raise HarnessError(f"n_images={cfg.n_images} must be at least 1")
@@ -286,7 +286,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Benchmark every method of ``cfg.methods``; print the table, write CSV and markdown."""
     from tqdm.auto import tqdm
 
-    from harness.pipeline import build
+    from harness.components import build
     from harness.xai.base import model_device
 
     logging.getLogger("shap").setLevel(logging.WARNING)  # KernelExplainer logs every solve at INFO

@@ -178,14 +178,15 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Benchmark every metric of ``cfg.metric_names``; print the table, write CSV and markdown."""
     from tqdm.auto import tqdm
 
-    from harness.pipeline import _check_capabilities, build, explain
+    from harness.components import build, check_capabilities
+    from harness.xai.stage import explain
     from harness.xai.base import model_device
 
     nodes = compose_metrics(cfg)  # config errors before any work
     metrics = {name: build(node) for name, node in nodes.items()}
     data, model, n = benchmark_inputs(cfg)
     explainer = build(cfg.xai)
-    _check_capabilities(explainer, model)
+    check_capabilities(explainer, model)
     x, masks = model.preprocess(data.images[:n], data.masks[:n] if data.masks is not None else None)
     masks = masks if data.has_masks else None
     x = x.to(model_device(model))

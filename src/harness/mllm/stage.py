@@ -125,3 +125,54 @@ def summary(records: list[Record], json_answers: bool = False) -> dict[str, floa
     if json_answers:
         out["answer_json_valid"] = float(np.mean([r.parsed is not None for r in records]))
     return out
+
+
+def language_stage(language: Any, data: Any, x: Any, maps: np.ndarray, preds: Any, logits: Any,
+                   masks: np.ndarray | None, rec: Any, *, n_images: int | None, method: str, classifier: str,
+                   cache_dir: Any) -> tuple[list[Record], dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """Render the first ``n_images`` explanations (None: all) with ``language`` (a
+    :class:`harness.components.Language`), ask the MLLM about each, score the answers, and log
+    the rendered images (``rendered/``) and the answers with their scores (table
+    ``answers.json``, ``answers.jsonl``). ``method`` and ``classifier`` are how the prompt names
+    them. Returns the records, the text scores (one value per record) and their metadata."""
+    import pandas as pd
+    from PIL import Image
+
+    from harness.text.base import Context
+    from harness.tracking.artifacts import safe_name
+
+    n = len(data) if n_images is None else min(len(data), int(n_images))
+    names = data.class_names
+    name_of = lambda i: names[i] if 0 <= i < len(names) else str(i)  # noqa: E731
+    probs = logits.softmax(1)
+    requests, files = [], []
+    with rec.folder("rendered") as tmp:
+        for i in range(n):
+            p = int(preds[i])
+            score = float(probs[i, p]) * 100
+            system, user = language.prompt.render(label=name_of(p), true_label=name_of(int(data.labels[i])),
+                                                  score=f"{score:.0f}", method=method, classifier=classifier)
+            images = language.renderer(x[i].numpy().transpose(1, 2, 0), maps[i])
+            files.append([f"rendered/{i:05d}_{safe_name(data.ids[i])}_{j}.png" for j in range(len(images))])
+            for img, f in zip(images, files[-1]):
+                img.save(tmp / Path(f).name)
+            requests.append(Request(images, user, system, maps[i], name_of(p), score,
+                                    None if masks is None else masks[i]))
+    json_answers = language.prompt.response_format == "json"
+    records = ask(language.mllm, requests, data.ids[:n], AnswerCache(cache_dir), files, json_answers)
+    contexts = {data.ids[i]: Context(requests[i].label, list(names), maps[i], requests[i].mask,
+                                     Image.fromarray((x[i].numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8)))
+                for i in range(n)}
+    scores: dict[str, np.ndarray] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for name, metric in language.text_metrics.items():
+        out = metric(records, contexts)
+        for k in out:
+            info[k] = {"metric": name, "family": metric.family, "higher_is_better": bool(metric.directions.get(k, True))}
+        scores.update(out)
+    rows = [{**asdict(r), **{k: float(v[j]) for k, v in scores.items()}} for j, r in enumerate(records)]
+    rec.text("\n".join(json.dumps(r, default=str) for r in rows) + "\n", "answers.jsonl")
+    table = pd.DataFrame([{**r, "decoding": json.dumps(r["decoding"]), "rendered": " ".join(r["rendered"]),
+                           "parsed": json.dumps(r["parsed"]) if r["parsed"] is not None else ""} for r in rows])
+    rec.table(table, "answers.json")
+    return records, scores, info

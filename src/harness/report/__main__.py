@@ -134,7 +134,7 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    from harness.pipeline import build
+    from harness.components import build
     from harness.report.load import load
 
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting chatter

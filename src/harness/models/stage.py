@@ -1,0 +1,61 @@
+"""The prediction stage: dataset images through the model's preprocessing, then logits,
+cached by content (data, labels, ids, weights, device)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from harness.cache import StageCache, digest, model_digest
+from harness.types import HarnessError, ImageSet
+
+log = logging.getLogger(__name__)
+TARGETS = ("label", "predicted")
+
+
+@dataclass
+class Inputs:
+    """A dataset as the model sees it: ``x`` ``[N, 3, S, S]`` in [0, 1], boolean masks
+    ``[N, S, S]`` (None without ground truth), labels ``[N]``."""
+
+    x: torch.Tensor
+    masks: np.ndarray | None
+    labels: torch.Tensor
+
+
+@dataclass
+class Predictions:
+    """Logits, predicted classes, the class each image is explained for, and the cache key
+    later stages derive theirs from."""
+
+    logits: torch.Tensor
+    preds: torch.Tensor
+    targets: torch.Tensor
+    key: str
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise HarnessError(f"target={target!r} is not valid; valid: {', '.join(TARGETS)}")
+    return target
+
+
+def model_inputs(model: torch.nn.Module, data: ImageSet) -> Inputs:
+    x, masks = model.preprocess(data.images, data.masks)
+    return Inputs(x, masks if data.has_masks else None, torch.from_numpy(data.labels))
+
+
+def predictions(model: torch.nn.Module, data: ImageSet, inputs: Inputs, cache: StageCache,
+                target: str = "label") -> Predictions:
+    """Logits of every image (from the cache where present) and the explained classes:
+    the true labels (``target=label``) or the model's decisions (``predicted``)."""
+    device = str(getattr(model, "mean", torch.zeros(0)).device.type)
+    key = digest("predictions", inputs.x, inputs.labels.numpy(), list(data.ids), model_digest(model), device)
+    logits = torch.from_numpy(cache.fetch("predictions", key, lambda: {"logits": model.predict(inputs.x).numpy()})["logits"])
+    if logits.shape[1] != len(data.class_names):
+        log.warning("model has %d outputs but the dataset names %d classes", logits.shape[1], len(data.class_names))
+    preds = logits.argmax(1)
+    return Predictions(logits, preds, inputs.labels if check_target(target) == "label" else preds, key)
