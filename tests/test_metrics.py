@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from harness.evaluation.base import Metric
 from harness.evaluation.pointing_game import PointingGame
 from harness.evaluation.region_mass import RegionMass
 from harness.evaluation.perturbation import SRG
@@ -190,18 +191,19 @@ def test_curves_plot_one_panel_per_metric_with_curves(tmp_path):
 def test_a_metric_failing_on_one_image_scores_nan_with_the_reason():
     from harness.evaluation.stage import evaluate
 
-    class Flaky:
-        higher_is_better = True
+    class Flaky(Metric):
+        def __init__(self, name: str = "flaky") -> None:
+            super().__init__(name)
 
         def __call__(self, model, x, a, t, masks=None):
             if (x[:, 0, 0, 0] < 0).any():
                 raise ValueError("negative pixel")
-            return MetricOutput(scores={"flaky": x.mean((1, 2, 3)).numpy()}, curves={"c": np.ones((len(x), 3))},
-                                curve_x=np.arange(3))
+            return MetricOutput(scores={"flaky": x.mean((1, 2, 3)).numpy()},
+                                curves={"flaky_c": np.ones((len(x), 3))}, curve_x=np.arange(3))
 
     x = torch.rand(4, 3, 2, 2)
     x[2, 0, 0, 0] = -1
     res = evaluate({"flaky": Flaky()}, None, x, np.zeros((4, 2, 2)), torch.zeros(4, dtype=torch.long), None)["flaky"]
     np.testing.assert_allclose(res.scores["flaky"][[0, 1, 3]], x[[0, 1, 3]].mean((1, 2, 3)).numpy(), rtol=1e-6)
-    assert np.isnan(res.scores["flaky"][2]) and np.isnan(res.curves["c"][2]).all()
+    assert np.isnan(res.scores["flaky"][2]) and np.isnan(res.curves["flaky_c"][2]).all()
     assert res.errors == [(2, "ValueError: negative pixel")]

@@ -127,19 +127,19 @@ def quantus_reference(metric: Any, model: torch.nn.Module, x: torch.Tensor, a: n
 def bench_metric(name: str, metric: Any, model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray,
                  t: torch.Tensor, masks: Any, explain_fn: Any, explain_s: float, cfg: DictConfig) -> dict[str, Any]:
     row: dict[str, Any] = {c: None for c in COLUMNS} | {"metric": name, "status": "ok", "notes": ""}
-    if getattr(metric, "needs_masks", False) and masks is None:
+    if metric.needs_masks and masks is None:
         return row | {"status": "n/a", "notes": "n/a (the dataset has no masks)"}
-    kwargs = {"explain": explain_fn} if getattr(metric, "needs_explainer", False) else {}
+    kwargs = {"explain": explain_fn} if metric.needs_explainer else {}
     n, dev = len(x), x.device
-    fwd = metric.forward_passes(tuple(x.shape[-2:])) if hasattr(metric, "forward_passes") else 0
-    expl = metric.explanations_needed() if hasattr(metric, "explanations_needed") else 0
+    fwd = metric.forward_passes(tuple(x.shape[-2:]))
+    expl = metric.explanations_needed()
     row["model_cost"] = " + ".join(p for p in (f"{fwd} fwd" if fwd else "", f"{expl} explanations" if expl else "")
                                    if p) or "0"
     label, ref = quantus_reference(metric, model, x, maps, t) if cfg.reference else ("n/a (reference=false)", None)
     row["reference"] = label
     forward = None
     if fwd:
-        batch = int(getattr(metric, "batch_size", 64))
+        batch = int(metric.batch_size or 64)
         forward, _ = raw_passes(model, x, t, batch)
     times: dict[str, list[float]] = {"ours": [], "ref": [], "fwd": []}
     ours = lambda: metric(model, x, maps, t, masks, **kwargs)  # noqa: E731

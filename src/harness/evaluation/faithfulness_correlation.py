@@ -9,12 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.evaluation.base import Metric
 from harness.evaluation.perturbation import check_output, outputs
 from harness.types import HarnessError, MetricOutput
 from harness.xai.base import check_fill, fill_like, image_seed
 
 
-class FaithfulnessCorrelation:
+class FaithfulnessCorrelation(Metric):
     """Pearson correlation between the relevance of random feature subsets and the output drop
     when those features are removed.
 
@@ -44,14 +45,12 @@ class FaithfulnessCorrelation:
         name: the logged score's name.
     """
 
-    higher_is_better: ClassVar[bool] = True
     family: ClassVar[str] = "faithfulness"
-    needs_masks: ClassVar[bool] = False
 
     def __init__(self, nr_runs: int = 100, subset_size: int = 224, replacement: float | str = "model_mean",
                  output: str = "softmax", batch_size: int = 128, seed: int = 0,
                  name: str = "faithfulness_correlation") -> None:
-        self.name = str(name)
+        super().__init__(name)
         self.nr_runs, self.subset_size = int(nr_runs), int(subset_size)
         if self.nr_runs < 2 or self.subset_size < 1:
             raise HarnessError(f"metrics.{self.name}: nr_runs must be >= 2 and subset_size >= 1 "

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness.evaluation.base import Metric
 from harness.types import HarnessError, MetricOutput
 from harness.xai.base import check_fill, fill_like
 
@@ -69,17 +70,15 @@ def check_output(output: str, what: str) -> str:
     return output
 
 
-class _Removal:
+class _Removal(Metric):
     """Shared settings and the curve engine of the removal metrics (see the module docstring)."""
 
     family: ClassVar[str] = "faithfulness"
-    needs_masks: ClassVar[bool] = False
-    higher_is_better: ClassVar[bool]
     orders: tuple[str, ...] = ORDERS
 
     def __init__(self, patch_size: int, replacement: float | str, output: str, batch_size: int,
                  name: str) -> None:
-        self.name = str(name)
+        super().__init__(name)
         self.patch_size = int(patch_size)
         if self.patch_size < 1:
             raise HarnessError(f"metrics.{self.name}.patch_size must be >= 1, got {patch_size}")
@@ -166,8 +165,6 @@ class SRG(_Removal):
             variants (e.g. ``srg_softmax``) can be logged side by side.
     """
 
-    higher_is_better: ClassVar[bool] = True
-
     def __init__(self, patch_size: int = 4, steps: int | None = 16, replacement: float | str = "model_mean",
                  output: str = "logit", batch_size: int = 128, name: str = "srg") -> None:
         super().__init__(patch_size, replacement, output, batch_size, name)
@@ -246,9 +243,10 @@ class RegionPerturbation(_Removal):
         IEEE TNNLS 28(11), 2017.
 
     Args:
-        patch_size: side of the removed squares (Quantus' default: 8).
-        regions: regions removed, one per step (Quantus' ``regions_evaluation``; capped at the
-            number of regions in the image).
+        patch_size: side of the removed squares (4 suits the 32 px shapes images; Quantus'
+            default 8 suits 224 px).
+        regions: regions removed, one per step (Quantus' ``regions_evaluation``, whose default
+            is 100; capped at the number of regions in the image).
         orders: which curves to compute: ``[morf, lerf]``, ``[morf]`` or ``[lerf]``.
         replacement: as for :class:`SRG`.
         output: ``softmax`` (Quantus' default) or ``logit``.
@@ -256,9 +254,7 @@ class RegionPerturbation(_Removal):
         name: prefix of the logged scores and curves.
     """
 
-    higher_is_better: ClassVar[bool] = True
-
-    def __init__(self, patch_size: int = 8, regions: int = 100, orders: tuple[str, ...] | list[str] = ORDERS,
+    def __init__(self, patch_size: int = 4, regions: int = 32, orders: tuple[str, ...] | list[str] = ORDERS,
                  replacement: float | str = "model_mean", output: str = "softmax", batch_size: int = 128,
                  name: str = "region_perturbation") -> None:
         super().__init__(patch_size, replacement, output, batch_size, name)

@@ -43,8 +43,8 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import nn
 
+from harness.evaluation.base import Metric
 from harness.types import MetricOutput
-
 
 
 @contextlib.contextmanager
@@ -80,31 +80,26 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-class QuantusMetric:
+class QuantusMetric(Metric):
     """Adapter: score ``[N, H, W]`` attribution maps with one Quantus metric, image by image.
 
-    Subclasses name the Quantus class (``quantus_class``), the score (``score_name``), and the
-    Quantus default for ``abs`` (``default_abs``); see the module docstring for how Quantus is
-    called.
+    Subclasses name the Quantus class (``quantus_class``) and give the defaults in their
+    signature (``abs``: Quantus' default for the metric; ``name``: the option's name); see the
+    module docstring for how Quantus is called.
 
     Args:
-        abs: take magnitudes of the attributions before scoring (``None``: Quantus' default for
-            the metric).
+        abs: take magnitudes of the attributions before scoring.
         normalise: divide each map by its largest magnitude first (Quantus' ``normalise_by_max``).
         check_attributions: keep Quantus' check that refuses constant, all-zero, all-one and
             all-negative maps (such maps then score NaN). Off by default: they are scored.
+        name: the logged score's name.
     """
 
-    higher_is_better: ClassVar[bool]
-    family: ClassVar[str]
-    needs_masks: ClassVar[bool] = False
     quantus_class: ClassVar[str]
-    score_name: ClassVar[str]
-    default_abs: ClassVar[bool]
 
-    def __init__(self, abs: bool | None = None, normalise: bool = True,
-                 check_attributions: bool = False) -> None:
-        self.abs = self.default_abs if abs is None else bool(abs)
+    def __init__(self, abs: bool, normalise: bool, check_attributions: bool, name: str) -> None:  # noqa: A002
+        super().__init__(name)
+        self.abs = bool(abs)
         self.normalise = bool(normalise)
         self.check_attributions = bool(check_attributions)
 
@@ -134,7 +129,7 @@ class QuantusMetric:
         scores = np.full(n, np.nan)
         errors: list[tuple[int, str]] = []
         if self.needs_masks and masks is None:
-            return MetricOutput(scores={self.score_name: scores})
+            return MetricOutput(scores={self.name: scores})
         metric = self.quantus_metric()
         patch = contextlib.nullcontext() if self.check_attributions else _degenerate_maps_allowed()
         with _quiet(), patch:
@@ -151,7 +146,7 @@ class QuantusMetric:
                     scores[i] = float(np.asarray(out, dtype=np.float64).reshape(-1)[0])
                 except Exception as e:  # one image's failure must not end the run
                     errors.append((i, f"Quantus {self.quantus_class}: {type(e).__name__}: {e}"))
-        return MetricOutput(scores={self.score_name: scores}, errors=errors)
+        return MetricOutput(scores={self.name: scores}, errors=errors)
 
 
 def _inputs(x: Any, n: int, h: int, w: int) -> np.ndarray:
@@ -175,11 +170,12 @@ class Sparseness(QuantusMetric):
         ICML 2020.
     """
 
-    higher_is_better: ClassVar[bool] = True
     family: ClassVar[str] = "complexity"
     quantus_class: ClassVar[str] = "Sparseness"
-    score_name: ClassVar[str] = "sparseness"
-    default_abs: ClassVar[bool] = True
+
+    def __init__(self, abs: bool = True, normalise: bool = True, check_attributions: bool = False,  # noqa: A002
+                 name: str = "sparseness") -> None:
+        super().__init__(abs, normalise, check_attributions, name)
 
 
 class Complexity(QuantusMetric):
@@ -197,18 +193,18 @@ class Complexity(QuantusMetric):
     higher_is_better: ClassVar[bool] = False
     family: ClassVar[str] = "complexity"
     quantus_class: ClassVar[str] = "Complexity"
-    score_name: ClassVar[str] = "complexity"
-    default_abs: ClassVar[bool] = True
+
+    def __init__(self, abs: bool = True, normalise: bool = True, check_attributions: bool = False,  # noqa: A002
+                 name: str = "complexity") -> None:
+        super().__init__(abs, normalise, check_attributions, name)
 
 
 class _Localisation(QuantusMetric):
     """Localisation metrics: scored against ground-truth masks, higher is better, signed
-    relevance by default (Quantus' ``abs=False``)."""
+    relevance by default (Quantus' ``abs=False``, in each subclass's signature)."""
 
-    higher_is_better: ClassVar[bool] = True
     family: ClassVar[str] = "localisation"
     needs_masks: ClassVar[bool] = True
-    default_abs: ClassVar[bool] = False
 
 
 class RelevanceMassAccuracy(_Localisation):
@@ -225,7 +221,10 @@ class RelevanceMassAccuracy(_Localisation):
     """
 
     quantus_class: ClassVar[str] = "RelevanceMassAccuracy"
-    score_name: ClassVar[str] = "relevance_mass_accuracy"
+
+    def __init__(self, abs: bool = False, normalise: bool = True, check_attributions: bool = False,  # noqa: A002
+                 name: str = "relevance_mass_accuracy") -> None:
+        super().__init__(abs, normalise, check_attributions, name)
 
 
 class RelevanceRankAccuracy(_Localisation):
@@ -242,7 +241,10 @@ class RelevanceRankAccuracy(_Localisation):
     """
 
     quantus_class: ClassVar[str] = "RelevanceRankAccuracy"
-    score_name: ClassVar[str] = "relevance_rank_accuracy"
+
+    def __init__(self, abs: bool = False, normalise: bool = True, check_attributions: bool = False,  # noqa: A002
+                 name: str = "relevance_rank_accuracy") -> None:
+        super().__init__(abs, normalise, check_attributions, name)
 
 
 class LocalisationAUC(_Localisation):
@@ -258,4 +260,7 @@ class LocalisationAUC(_Localisation):
     """
 
     quantus_class: ClassVar[str] = "AUC"
-    score_name: ClassVar[str] = "localisation_auc"
+
+    def __init__(self, abs: bool = False, normalise: bool = True, check_attributions: bool = False,  # noqa: A002
+                 name: str = "localisation_auc") -> None:
+        super().__init__(abs, normalise, check_attributions, name)

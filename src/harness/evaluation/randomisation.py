@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.evaluation.base import Metric
 from harness.evaluation.robustness import ExplainFn, normalise_by_max
 from harness.types import HarnessError, MetricOutput
 from harness.xai.base import image_seed, model_device
@@ -37,7 +38,7 @@ def entropy(a: np.ndarray, n_bins: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-class EfficientMPRT:
+class EfficientMPRT(Metric):
     """Efficient model parameter randomisation test (eMPRT): how much more complex does the
     explanation become when the model's parameters are randomised?
 
@@ -61,13 +62,11 @@ class EfficientMPRT:
         name: the logged score's name.
     """
 
-    higher_is_better: ClassVar[bool] = True
     family: ClassVar[str] = "randomisation"
-    needs_masks: ClassVar[bool] = False
     needs_explainer: ClassVar[bool] = True
 
     def __init__(self, n_bins: int = 100, seed: int = 42, name: str = "emprt") -> None:
-        self.name = str(name)
+        super().__init__(name)
         self.n_bins = int(n_bins)
         if self.n_bins < 2:
             raise HarnessError(f"metrics.{self.name}.n_bins must be >= 2, got {n_bins}")
@@ -86,7 +85,7 @@ class EfficientMPRT:
         return MetricOutput(scores={self.name: scores})
 
 
-class RandomLogit:
+class RandomLogit(Metric):
     """Random logit test: is the explanation of the predicted class different from that of a
     random other class?
 
@@ -112,12 +111,11 @@ class RandomLogit:
 
     higher_is_better: ClassVar[bool] = False
     family: ClassVar[str] = "randomisation"
-    needs_masks: ClassVar[bool] = False
     needs_explainer: ClassVar[bool] = True
 
     def __init__(self, normalise: bool = True, abs: bool = False, seed: int = 0,  # noqa: A002 - Quantus' name
                  name: str = "random_logit") -> None:
-        self.name = str(name)
+        super().__init__(name)
         self.normalise = bool(normalise)
         self.abs = bool(abs)
         self.seed = int(seed)

@@ -9,6 +9,7 @@ from typing import ClassVar
 import numpy as np
 from torch import nn
 
+from harness.evaluation.base import Metric
 from harness.types import HarnessError, MetricOutput
 
 
@@ -38,7 +39,7 @@ def box_inside(box: tuple[int, int, int, int], height: int, width: int, what: st
                            "preprocessing (resize, crop)")
 
 
-class RegionMass:
+class RegionMass(Metric):
     """How much of the attribution lies on a fixed box of the input.
 
     For each image, ``region_mass`` is the share of the map's positive attribution inside the
@@ -71,13 +72,11 @@ class RegionMass:
             be scored in one run.
     """
 
-    higher_is_better: ClassVar[bool] = True
     family: ClassVar[str] = "localisation"
-    needs_masks: ClassVar[bool] = False
 
     def __init__(self, box: Sequence[int] = (0, 0, 3, 3), name: str = "region_mass") -> None:
+        super().__init__(name)
         self.box = check_box(box, "metrics.region_mass.box")
-        self.name = str(name)
 
     def __call__(
         self,

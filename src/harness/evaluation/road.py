@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.evaluation.base import Metric
 from harness.evaluation.perturbation import check_orders
 from harness.types import HarnessError, MetricOutput
 from harness.xai.base import image_seed, model_device
@@ -26,7 +27,7 @@ def _numpy_seed(seed: int) -> Iterator[None]:
         np.random.set_state(state)
 
 
-class ROAD:
+class ROAD(Metric):
     """Remove And Debias (ROAD): is the explained class still predicted once the most (MoRF) or
     least (LeRF) relevant pixels are imputed from their neighbours?
 
@@ -59,7 +60,6 @@ class ROAD:
 
     higher_is_better: ClassVar[bool] = False
     family: ClassVar[str] = "faithfulness"
-    needs_masks: ClassVar[bool] = False
 
     def __init__(self, percentages: list[float] | tuple[float, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90),
                  noise: float = 0.01, orders: list[str] | tuple[str, ...] = ("morf",), batch_size: int = 128,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from harness.evaluation.base import Metric
 from harness.types import HarnessError, MetricOutput
 from harness.xai.base import image_seed
 
@@ -22,7 +23,7 @@ def normalise_by_max(a: np.ndarray) -> np.ndarray:
     return np.divide(a, m, out=np.zeros_like(a), where=m > 0)
 
 
-class MaxSensitivity:
+class MaxSensitivity(Metric):
     """Max-sensitivity: the largest relative change of the explanation under small input noise.
 
     Each image gets ``nr_samples`` noisy copies ``x + u``, ``u ~ U(-radius, radius)`` on every
@@ -47,12 +48,11 @@ class MaxSensitivity:
 
     higher_is_better: ClassVar[bool] = False
     family: ClassVar[str] = "robustness"
-    needs_masks: ClassVar[bool] = False
     needs_explainer: ClassVar[bool] = True
 
     def __init__(self, nr_samples: int = 10, radius: float = 0.05, normalise: bool = False, seed: int = 0,
                  name: str = "max_sensitivity") -> None:
-        self.name = str(name)
+        super().__init__(name)
         self.nr_samples = int(nr_samples)
         self.radius = float(radius)
         if self.nr_samples < 1 or self.radius < 0:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness.evaluation.base import Metric, follows_naming_rule
 from harness.types import HarnessError, MetricOutput
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def aggregate(per_image: dict[str, np.ndarray], n_boot: int = 1000, seed: int = 
     return out
 
 
-def _score_one_by_one(metric: Any, model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray,
+def _score_one_by_one(metric: Metric, model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray,
                       targets: torch.Tensor, masks: np.ndarray | None, kwargs: dict, first: Exception) -> MetricOutput:
     """After a metric failed on a batch: score each image alone; failures score NaN with the reason."""
     parts: list[MetricOutput | None] = []
@@ -56,22 +57,52 @@ def _score_one_by_one(metric: Any, model: torch.nn.Module, x: torch.Tensor, maps
         errors=errors + [(i, e) for i, p in enumerate(parts) if p for _, e in p.errors])
 
 
-def evaluate(metrics: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray,
+def _rename_hint(option: str, metric: Metric, logged: set[str]) -> str:
+    """The override that gives metric option ``option`` a name whose scores clash with none of
+    ``logged`` (the option's own name where it is free)."""
+    candidates = [option] + [f"{metric.name}_{i}" for i in range(2, 100)]
+    free = next(c for c in candidates if c != metric.name and not any(follows_naming_rule(c, k) for k in logged))
+    return f"metrics.{option}.name={free}"
+
+
+def _clash(other: str, name: str, metric: Metric, clash: set[str], logged: set[str]) -> HarnessError:
+    return HarnessError(
+        f"metrics {other} and {name} both log {sorted(clash)}; a metric logs <name> and <name>_<suffix>, so "
+        f"give one of them another name: {_rename_hint(name, metric, logged)}")
+
+
+def check_metrics(metrics: dict[str, Any]) -> None:
+    """Before any work: every metric is a :class:`~harness.evaluation.base.Metric`, and no two
+    share a name (their scores would clash)."""
+    seen: dict[str, str] = {}
+    for name, metric in metrics.items():
+        if not isinstance(metric, Metric):
+            raise HarnessError(f"metric {name} is a {type(metric).__module__}.{type(metric).__qualname__}, not a "
+                               "harness.evaluation.base.Metric: its _target_ must name a subclass of Metric")
+        if metric.name in seen:
+            raise _clash(seen[metric.name], name, metric, {metric.name}, set(seen))
+        seen[metric.name] = name
+
+
+def evaluate(metrics: dict[str, Metric], model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray,
              targets: torch.Tensor, masks: np.ndarray | None,
              explain_fn: Any = None) -> dict[str, MetricOutput]:
-    """Run every metric. A metric that needs masks is skipped (with a warning) when none exist;
-    one that re-explains inputs (``needs_explainer``) gets ``explain_fn(model, x, targets)``. A
-    metric that fails is retried image by image: the images it fails on score NaN, and the
-    reasons are kept in ``MetricOutput.errors``."""
+    """Run every metric (``metrics`` maps option names to :class:`~harness.evaluation.base.Metric`
+    objects). A metric that needs masks is skipped (with a warning) when none exist; one that
+    re-explains inputs (``needs_explainer``) gets ``explain_fn(model, x, targets)``. A metric
+    that fails is retried image by image: the images it fails on score NaN, and the reasons are
+    kept in ``MetricOutput.errors``. Two metrics whose scores clash, or a metric whose scores or
+    curves are not ``<name>`` or ``<name>_<suffix>``, stop the run with a :class:`HarnessError`."""
     from tqdm.auto import tqdm
 
+    check_metrics(metrics)
     out = {}
     for name, metric in tqdm(metrics.items(), desc="metrics", disable=None if len(metrics) > 1 else True):
-        if getattr(metric, "needs_masks", False) and masks is None:
+        if metric.needs_masks and masks is None:
             log.warning("metric %s needs ground-truth masks and this dataset has none: skipped", name)
             continue
         kwargs = {}
-        if getattr(metric, "needs_explainer", False):
+        if metric.needs_explainer:
             if explain_fn is None:
                 raise HarnessError(f"metric {name} re-explains inputs and needs the explainer")
             kwargs["explain"] = explain_fn
@@ -87,16 +118,20 @@ def evaluate(metrics: dict[str, Any], model: torch.nn.Module, x: torch.Tensor, m
             log.warning("metric %s failed on %d of %d images, scored NaN (first: %s)",
                         name, len(out[name].errors), len(x), out[name].errors[0][1])
         log.info("metric %s took %.1f s", name, time.perf_counter() - t0)
-        for other, res in list(out.items())[:-1]:
-            if clash := set(res.scores) & set(out[name].scores):
-                raise HarnessError(f"metrics {other} and {name} both log {sorted(clash)}; give one "
-                                   f"another name (e.g. metrics.{name}.name=...)")
+        res = out[name]
+        if bad := sorted(k for k in (*res.scores, *res.curves) if not follows_naming_rule(metric.name, k)):
+            raise HarnessError(f"metric {name} ({type(metric).__qualname__}, name={metric.name!r}) logs {bad}: "
+                               f"a metric's scores and curves must be <name> or <name>_<suffix>")
+        logged = {k for r in out.values() for k in (*r.scores, *r.curves)}
+        for other, prev in list(out.items())[:-1]:
+            if clash := (set(prev.scores) & set(res.scores)) | (set(prev.curves) & set(res.curves)):
+                raise _clash(other, name, metric, clash, logged)
     return out
 
 
-def score_info(metrics: dict[str, Any], results: dict[str, MetricOutput]) -> dict[str, dict[str, Any]]:
+def score_info(metrics: dict[str, Metric], results: dict[str, MetricOutput]) -> dict[str, dict[str, Any]]:
     """For every logged score: the metric option that made it, its family and direction, for
     reports to sort and mark the best correctly."""
-    return {score: {"metric": name, "family": getattr(metrics[name], "family", "other"),
-                    "higher_is_better": bool(r.higher_is_better.get(score, getattr(metrics[name], "higher_is_better", True)))}
+    return {score: {"metric": name, "family": metrics[name].family,
+                    "higher_is_better": bool(r.higher_is_better.get(score, metrics[name].higher_is_better))}
             for name, r in results.items() for score in r.scores}
