@@ -113,11 +113,11 @@ def _masks_and_maps():
 
 
 def _advice(message: str) -> tuple[str, str]:
-    """The ``metrics.<option>.name=<new>`` the message gives, as (option, new name)."""
+    """The ``++metrics.<option>.name=<new>`` the message gives, as (option, new name)."""
     fix = message.rsplit(": ", 1)[1]
     key, new = fix.split("=")
-    assert key.startswith("metrics.") and key.endswith(".name"), message
-    return key[len("metrics."):-len(".name")], new
+    assert key.startswith("++metrics.") and key.endswith(".name"), message
+    return key[len("++metrics."):-len(".name")], new
 
 
 def test_two_metrics_of_one_name_clash_and_the_message_names_a_fix_that_works():
@@ -167,3 +167,34 @@ def test_the_advice_for_two_srgs_works():
     res = evaluate({"srg": SRG(patch_size=2), option: SRG(patch_size=2, output="softmax", name=new)},
                    model, x, maps, t, None)
     assert {"srg", "srg_softmax", "srg_softmax_morf_auc"} <= {k for r in res.values() for k in r.scores}
+
+
+def _metrics_from(options, overrides=()):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"metrics=[{','.join(options)}]", "seed=0", *overrides])
+    return {k: build(v) for k, v in cfg.metrics.items()}
+
+
+@pytest.mark.parametrize(("options", "overrides"), [
+    # a node added on the command line, without a name key
+    (["pointing_game"], ["+metrics.strict={_target_: harness.evaluation.pointing_game.PointingGame, tolerance: 0}"]),
+    (["pointing_game", "sparseness"], ["metrics.sparseness.name=pointing_game"]),  # renamed into a clash
+])
+def test_the_advice_works_as_a_command_line_override(options, overrides):
+    x, maps, masks = _masks_and_maps()
+    t = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(HarnessError) as e:
+        evaluate(_metrics_from(options, overrides), None, x, maps, t, masks)
+    fix = str(e.value).rsplit(": ", 1)[1]
+    metrics = _metrics_from(options, [*overrides, fix])
+    assert len(metrics) == 2
+    res = evaluate(metrics, None, x, maps, t, masks)
+    logged = [k for r in res.values() for k in r.scores]
+    assert len(logged) == len(set(logged)) == len(metrics) and "pointing_game" in logged
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_option_can_be_renamed_on_the_command_line(option):
+    assert _metrics_from([option], [f"metrics.{option}.name=renamed"])[option].name == "renamed"

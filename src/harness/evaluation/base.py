@@ -45,8 +45,9 @@ class Metric:
     the metric's option name in ``conf/metrics/``), and each score and curve it logs is
     ``<name>`` or ``<name>_<suffix>`` (``srg``, ``srg_morf_auc``; ``region_mass_ratio``). Two
     metrics of one run that would log the same score are told apart by giving one of them
-    another name: ``metrics.<option>.name=<new name>``; the stage refuses a run where scores
-    clash, and a metric whose output breaks the rule.
+    another name: ``metrics.<option>.name=<new name>`` (every option's YAML writes ``name``);
+    the stage refuses a run where scores clash, naming the override that fixes it, and a metric
+    whose output breaks the rule.
 
     Cost, for the benchmark (:mod:`harness.benchmark.metrics`):
         forward_passes: images pushed through the model per explained image, at ``batch_size``

@@ -59,10 +59,11 @@ def _score_one_by_one(metric: Metric, model: torch.nn.Module, x: torch.Tensor, m
 
 def _rename_hint(option: str, metric: Metric, logged: set[str]) -> str:
     """The override that gives metric option ``option`` a name whose scores clash with none of
-    ``logged`` (the option's own name where it is free)."""
+    ``logged`` (the option's own name where it is free). ``++`` sets the key whether or not the
+    option's node writes it (a node added with ``+metrics.<key>={...}`` may not)."""
     candidates = [option] + [f"{metric.name}_{i}" for i in range(2, 100)]
     free = next(c for c in candidates if c != metric.name and not any(follows_naming_rule(c, k) for k in logged))
-    return f"metrics.{option}.name={free}"
+    return f"++metrics.{option}.name={free}"
 
 
 def _clash(other: str, name: str, metric: Metric, clash: set[str], logged: set[str]) -> HarnessError:
