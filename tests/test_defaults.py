@@ -102,7 +102,9 @@ def _dataclass_of(target: Any, param: str) -> Any:
 
 
 def _options() -> list[tuple[str, str]]:
-    return sorted((p.parent.name, p.stem) for p in Path(CONF_DIR).glob("*/*.yaml"))
+    """``(group, option)`` of the job's config groups (``conf/hydra/``, Hydra's own groups such
+    as the sweeper, are composed by Hydra into its own config and left out)."""
+    return sorted((p.parent.name, p.stem) for p in Path(CONF_DIR).glob("*/*.yaml") if p.parent.name != "hydra")
 
 
 def _target(path: str) -> Any:
