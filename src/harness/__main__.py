@@ -13,10 +13,18 @@ from harness.types import HarnessError
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    hc = HydraConfig.get()
+    multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    if multirun and cfg.get("resume", False):  # before any heavy import (harness.resume)
+        from harness.resume import finished_in_sweep, mark_skipped
+
+        if (run_id := finished_in_sweep(cfg, hc.sweep.dir)) is not None:
+            print(f"harness: already finished as run {run_id}: skipped", file=sys.stderr)
+            return mark_skipped(run_id, str(hc.runtime.output_dir))
+
     from harness.isolation import run_isolated, wants_isolation
     from harness.pipeline import hydra_context, run
 
-    multirun = str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
     try:
         context = hydra_context()
         run_isolated(cfg, context) if wants_isolation(cfg) else run(cfg, context)

@@ -14,7 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from harness.cache import StageCache, digest
+from harness import resume
+from harness.cache import StageCache
 from harness.components import build, build_components
 from harness.evaluation.stage import aggregate, evaluate, score_info
 from harness.mllm.stage import language_stage
@@ -22,7 +23,7 @@ from harness.mllm.stage import summary as language_summary
 from harness.models.stage import check_target, model_inputs, predictions
 from harness.tracking.artifacts import log_artifacts
 from harness.tracking.mlflow_tracker import flatten
-from harness.utils import seed_everything, to_plain
+from harness.utils import rng_restored, seed_everything, to_plain
 from harness.xai.stage import attributions, explain
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,6 @@ def hydra_context() -> dict[str, Any]:
     }
 
 
-def _mark_skipped(run_id: str, output_dir: str | None) -> None:
-    """Leave ``skipped.json`` in the job's Hydra output folder, for the sweep summary."""
-    import json
-
-    if output_dir is None:
-        return
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "skipped.json").write_text(json.dumps({"finished_run": run_id}))
-
-
 def _finished_run(tracker: Any, config_hash: str) -> Any:
     """A FINISHED run of the tracker's experiment with this config hash, or None."""
     client = tracker.client()
@@ -80,13 +70,14 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
     t_start = time.perf_counter()
     check_target(cfg.target)
     tracker = build(cfg.tracking)
-    config_hash = digest(to_plain(cfg))
+    config_hash = resume.config_hash(cfg)
     if cfg.get("resume", False) and (done := _finished_run(tracker, config_hash)) is not None:
         log.info("job already finished as run %s (same resolved config): skipped; resume=false runs it again",
                  done.info.run_id)
-        _mark_skipped(done.info.run_id, context["output_dir"])
+        resume.mark_skipped(done.info.run_id, context["output_dir"])
         return {**done.data.metrics, "skipped": 1.0}
-    with tracker.start_run(cfg.run_name, tags=_run_tags(cfg, context, config_hash)) as rec:
+    # the job seeds the global RNGs (below) for itself only: the caller's states come back when it ends
+    with rng_restored(), tracker.start_run(cfg.run_name, tags=_run_tags(cfg, context, config_hash)) as rec:
         rec.params(flatten(to_plain(cfg)))
         rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         seed_everything(cfg.seed)

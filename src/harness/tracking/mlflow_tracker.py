@@ -40,19 +40,27 @@ class Tracker:
         experiment: experiment name; created on first use.
         artifact_location: where a *new* experiment keeps artifacts (a folder path or URI);
             ``None`` leaves it to MLflow (a server uses its own artifact root).
+        store_templates: a folder for empty, fully migrated SQLite stores, one per MLflow
+            version (see :func:`create_sqlite_store`); ``None``: MLflow creates each new store.
     """
 
-    def __init__(self, uri: str, experiment: str = "harness", artifact_location: str | None = None) -> None:
+    def __init__(self, uri: str, experiment: str = "harness", artifact_location: str | None = None,
+                 store_templates: str | None = None) -> None:
         self.uri = uri
         self.experiment = experiment
         self.artifact_location = artifact_location
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.store_templates = store_templates
+        self._client = None
 
     def client(self):
-        from mlflow import MlflowClient
+        if self._client is None:
+            from mlflow import MlflowClient
 
-        return MlflowClient(tracking_uri=self.uri)
+            if self.uri.startswith("sqlite:///"):
+                create_sqlite_store(Path(self.uri.removeprefix("sqlite:///")), self.store_templates,
+                                    self.artifact_location)
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     def experiment_id(self) -> str:
         from mlflow.exceptions import MlflowException
@@ -136,6 +144,62 @@ class RunLogger:
                 self.client.log_artifacts(self.run_id, tmp, artifact_path)
 
 
+def create_sqlite_store(path: Path, templates: str | os.PathLike | None,
+                        artifact_location: str | None = None) -> None:
+    """Create a missing SQLite store at ``path`` as a copy of an empty, migrated template.
+
+    MLflow creates a new store by running its whole chain of schema migrations (about 2 CPU-s,
+    several seconds on a loaded machine), and two processes doing it at once race ("duplicate
+    column name"). The template is made once per MLflow version under ``templates``; a new
+    store is then a copy, put in place with a hard link, which fails if the file appeared
+    meanwhile: store creation is atomic. The copy's default experiment gets
+    ``artifact_location/0``. ``templates=None`` or a link-less file system: MLflow creates it.
+    """
+    import sqlite3
+    import uuid
+    from importlib.metadata import version
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or templates is None:
+        return
+    folder = Path(templates)
+    folder.mkdir(parents=True, exist_ok=True)
+    template = folder / f"mlflow-{version('mlflow')}.db"
+
+    def copy(src: Path, dst: Path) -> None:  # a consistent snapshot, whatever holds src open
+        with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+            a.backup(b)
+        a.close()
+        b.close()
+
+    if not template.exists():
+        fresh = folder / f".{uuid.uuid4().hex}.db"
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = SqlAlchemyStore(f"sqlite:///{fresh}", str(folder / "unused-artifacts"))
+        store.engine.dispose()
+        tmp = folder / f".{uuid.uuid4().hex}.db"
+        copy(fresh, tmp)
+        fresh.unlink()
+        os.replace(tmp, template)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        copy(template, tmp)
+        if artifact_location and "://" not in artifact_location:
+            with sqlite3.connect(tmp) as db:
+                db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                           ((Path(artifact_location).resolve() / "0").as_uri(),))
+            db.close()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created the store first: use theirs
+        except OSError:
+            return  # no hard links here: MLflow creates the store
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def package_versions(names: tuple[str, ...] = (
     "harness", "torch", "timm", "captum", "quantus", "mlflow", "hydra-core", "numpy", "transformers",
 )) -> dict[str, str]:
@@ -164,7 +228,8 @@ def git_commit(path: str | os.PathLike) -> dict[str, str]:
 
 
 class PrepareStore(Callback):
-    """Hydra callback: create the tracking store and experiment once, before a sweep's jobs start.
+    """Hydra callback: create the tracking store and experiment once, before a sweep's jobs
+    start, and index the configs that already finished (:mod:`harness.resume`).
 
     Parallel launchers (joblib) start several jobs at once; two processes creating a fresh
     SQLite store race ("table already exists"), so the sweep's parent process does it first.
@@ -173,4 +238,9 @@ class PrepareStore(Callback):
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         from hydra.utils import instantiate
 
-        instantiate(config.tracking).experiment_id()
+        from harness.resume import index_finished
+
+        tracker = instantiate(config.tracking)
+        tracker.experiment_id()
+        if config.get("resume", False):
+            index_finished(tracker, config.hydra.sweep.dir)
