@@ -1,0 +1,1 @@
+"""The harness's Hydra sweeper (``hydra/sweeper=harness``, the project's default)."""
