@@ -3,9 +3,10 @@
 The explainers' own patches are scoped (context managers, removed on exit, tested), but a
 sweep runs many jobs in one process with the basic launcher, and a third-party method or a
 crash mid-patch could leave something behind. ``isolation: auto`` (the default) runs a job in a
-fresh ``spawn`` child process when its explainer declares ``patches_model``; ``always`` does so
-for every job (costs the interpreter and import start-up, a few seconds); ``never`` runs in the
-launcher's process.
+fresh ``spawn`` child process when its explainer declares ``patches_model`` without
+``patches_scoped`` (the project's LRP family scopes its patches and is tested for leftovers, so
+it runs in the warm launcher process); ``always`` isolates every job (costs the interpreter and
+import start-up, a few seconds); ``never`` runs in the launcher's process.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def wants_isolation(cfg: DictConfig) -> bool:
     from hydra.utils import get_class
 
     try:
-        return bool(getattr(get_class(cfg.xai._target_), "patches_model", False))
+        cls = get_class(cfg.xai._target_)
+        return bool(cls.patches_model and not cls.patches_scoped)
     except Exception:  # noqa: BLE001 - an unknown class fails later with its own message
         return False
 

@@ -102,11 +102,14 @@ class Explainer:
         architectures: the model families the method serves: ``vit`` (a timm ViT) and ``cnn``
             (any other network).
         patches_model: the method changes the model while it runs (and must undo it).
+        patches_scoped: its patches live in a context manager and a test proves that nothing is
+            left behind, errors included; ``isolation: auto`` then runs it in the job's process.
     """
 
     needs_gradients: ClassVar[bool] = False
     architectures: ClassVar[tuple[str, ...]] = ("vit", "cnn")
     patches_model: ClassVar[bool] = False
+    patches_scoped: ClassVar[bool] = False
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -408,6 +408,7 @@ class LRP(Explainer):
 
     needs_gradients = True
     patches_model = True
+    patches_scoped = True  # tests/test_lrp.py: nothing left behind, errors included
     architectures = ("cnn",)  # vision transformers: xai=attnlrp or xai=cplrp
 
     def __init__(self, composite: str = "epsilon_plus_flat", epsilon: float = 1e-6, gamma: float = 0.25,
