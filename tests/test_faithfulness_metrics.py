@@ -184,6 +184,91 @@ def test_road_imputation_and_orders():
         ROAD(percentages=[120])
 
 
+def dense_imputation(image, pixels, noise, seed):
+    """The ROAD imputation written out: a dense solve of each removed pixel = the weighted mean of
+    its 8 neighbours (1/6 side, 1/12 diagonal, neighbours outside the image left out), then
+    ``noise * randn(C, len(pixels))`` from numpy's global RNG seeded by ``seed``."""
+    c, h, w = image.shape
+    var = {int(p): v for v, p in enumerate(pixels)}
+    a, b = np.zeros((len(var), len(var))), np.zeros((len(var), c))
+    for p, v in var.items():
+        r, q = divmod(p, w)
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                if (dr or dc) and 0 <= r + dr < h and 0 <= q + dc < w:
+                    wt, nb = (1 / 12 if dr and dc else 1 / 6), (r + dr) * w + q + dc
+                    a[v, v] += wt
+                    if nb in var:
+                        a[v, var[nb]] -= wt
+                    else:
+                        b[v] += wt * image.reshape(c, -1)[:, nb]
+    out = image.reshape(c, -1).copy()
+    if len(var):
+        np.random.seed(seed)
+        solved = np.linalg.solve(a, b).T if len(var) < h * w else np.zeros((c, len(var)))  # nothing kept: 0
+        out[:, pixels] = solved + noise * np.random.randn(c, len(var))
+    return out.reshape(c, h, w)
+
+
+@pytest.mark.parametrize("solver", ["envelope", "sparse"])
+def test_road_imputation_equals_a_dense_solve_and_quantus(solver, monkeypatch):
+    """The batched imputation (envelope Cholesky compiled by numba for narrow images, scipy's
+    sparse LU for wide ones or without numba) equals a dense solve of the system and Quantus'
+    ``noisy_linear_imputation`` (same seed) on every share, from none to every pixel."""
+    from quantus.functions.perturb_func import noisy_linear_imputation
+
+    from harness.evaluation import road
+
+    if solver == "sparse":
+        monkeypatch.setattr(road, "_ENVELOPE_MAX_WIDTH", 0)
+    elif road._compiled_kernel() is None:
+        pytest.skip("numba is not installed: the sparse solver runs instead")
+    rng = np.random.default_rng(3)
+    for c, h, w in ((3, 9, 11), (1, 6, 6), (3, 12, 5)):
+        images = rng.random((2, c, h, w))
+        smooth = np.cumsum(np.cumsum(rng.standard_normal((2, h, w)), 1), 2).reshape(2, -1)  # blobs
+        jobs = [(i, np.argsort(-m, kind="stable")[: int(h * w * p / 100)], 7 * i + j)
+                for i, m in enumerate([rng.standard_normal(h * w), smooth[1]])
+                for j, p in enumerate((0, 3, 10, 30, 50, 70, 90, 99, 100))]
+        out = road.noisy_linear_imputation(images, jobs, noise=0.01)
+        for (i, pixels, seed), got in zip(jobs, out):
+            np.testing.assert_allclose(got, dense_imputation(images[i], pixels, 0.01, seed), rtol=0, atol=1e-9)
+            if 0 < len(pixels) < h * w:
+                with quiet():
+                    np.random.seed(seed)
+                    theirs = noisy_linear_imputation(images[i], pixels, noise=0.01)
+                np.testing.assert_allclose(got, theirs, rtol=0, atol=1e-9)
+        assert np.array_equal(out[0], images[0])  # no pixel removed: the image itself
+    assert np.allclose(ROAD(noise=0.0).impute(images[0], np.array([7]), seed=0),
+                       dense_imputation(images[0], np.array([7]), 0.0, 0), atol=1e-12)
+
+
+def test_road_scores_equal_the_per_image_quantus_imputation():
+    """ROAD's curves equal those of the loop it replaced: Quantus' imputation image by image and
+    share by share, seeded per image, one model call per image."""
+    from quantus.functions.perturb_func import noisy_linear_imputation
+
+    model = conv_model(seed=4, size=16)
+    x, a, _ = data(n=6, size=16, seed=5)
+    a[3] = np.cumsum(np.cumsum(a[3], 0), 1)  # one smooth map: removed pixels form blobs
+    t = model(x).argmax(1).detach()
+    road = ROAD(percentages=[10, 30, 50, 70, 90, 100], noise=0.05, orders=["morf", "lerf"], batch_size=7, seed=2)
+    res = road(model, x, a, t)
+    xs = x.double().numpy()
+    for o in ("morf", "lerf"):
+        expected = np.zeros((6, 6))
+        for i in range(6):
+            rank = np.argsort(-a[i].reshape(-1) if o == "morf" else a[i].reshape(-1), kind="stable")
+            imgs = []
+            for j, p in enumerate(road.percentages):
+                np.random.seed(image_seed(2, xs[i]) + j)
+                with quiet():
+                    imgs.append(noisy_linear_imputation(xs[i], rank[: int(256 * p / 100)], noise=0.05))
+            expected[i] = (model(torch.from_numpy(np.stack(imgs)).float()).argmax(1) == t[i]).numpy()
+        np.testing.assert_array_equal(res.curves[f"road_{o}"], expected)
+    assert 0 < res.curves["road_morf"].mean() < 1  # not a trivial model: some classes change
+
+
 class BrightSquare(nn.Module):
     """Class 0 while the mean of the square ``R`` (rows and columns 2-5) stays above 0.5."""
 
