@@ -120,18 +120,36 @@ def _impute_kernel(x, img, pixels, offsets, noise, out):  # pragma: no cover - c
                 dinv[i] = 1.0 / np.sqrt(acc)
         for i in range(m):  # L y = b
             row = start[i] - first[i]
-            for ch in range(c):
-                acc = b[i, ch]
+            if c == 3:  # colour images: three accumulators, one pass over the row
+                a0, a1, a2 = b[i, 0], b[i, 1], b[i, 2]
                 for t in range(first[i], i):
-                    acc -= low[row + t] * b[t, ch]
-                b[i, ch] = acc * dinv[i]
+                    l = low[row + t]
+                    a0 -= l * b[t, 0]
+                    a1 -= l * b[t, 1]
+                    a2 -= l * b[t, 2]
+                b[i, 0], b[i, 1], b[i, 2] = a0 * dinv[i], a1 * dinv[i], a2 * dinv[i]
+            else:
+                for ch in range(c):
+                    acc = b[i, ch]
+                    for t in range(first[i], i):
+                        acc -= low[row + t] * b[t, ch]
+                    b[i, ch] = acc * dinv[i]
         for i in range(m - 1, -1, -1):  # L^T u = y
             row = start[i] - first[i]
-            for ch in range(c):
-                v = b[i, ch] * dinv[i]
-                b[i, ch] = v
+            if c == 3:
+                v0, v1, v2 = b[i, 0] * dinv[i], b[i, 1] * dinv[i], b[i, 2] * dinv[i]
+                b[i, 0], b[i, 1], b[i, 2] = v0, v1, v2
                 for t in range(first[i], i):
-                    b[t, ch] -= low[row + t] * v
+                    l = low[row + t]
+                    b[t, 0] -= l * v0
+                    b[t, 1] -= l * v1
+                    b[t, 2] -= l * v2
+            else:
+                for ch in range(c):
+                    v = b[i, ch] * dinv[i]
+                    b[i, ch] = v
+                    for t in range(first[i], i):
+                        b[t, ch] -= low[row + t] * v
         for t in range(offsets[j], offsets[j + 1]):
             p = pixels[t]
             for ch in range(c):
