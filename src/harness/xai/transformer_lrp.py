@@ -63,24 +63,6 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     return z.abs().add(max(eps, torch.finfo(z.dtype).tiny)).copysign(z)
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by ``factor`` (a number or a
-    tensor like the input)."""
-
-    @staticmethod
-    def forward(ctx, x, factor):  # noqa: ANN001, ANN205 - autograd's signature
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
-        return g * ctx.factor, None
-
-
-def scale_grad(x: torch.Tensor, factor: float | torch.Tensor) -> torch.Tensor:
-    return _ScaleGrad.apply(x, factor)
-
-
 class _UniformMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):  # noqa: ANN001, ANN205
@@ -122,7 +104,8 @@ class _IdentityRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, fn):  # noqa: ANN001, ANN205
         y = fn(x)
-        ctx.save_for_backward(y / x.masked_fill(x == 0, 1.0))  # y = 0 where x = 0 for these activations
+        # y = 0 where x = 0 for these activations: the ratio's 0/0 is 0 there
+        ctx.save_for_backward(torch.div(y, x).nan_to_num_(nan=0.0))
         return y
 
     @staticmethod
@@ -145,48 +128,158 @@ class _LayerNormIdentity(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # noqa: ANN001, ANN205
         rstd, weight = ctx.saved_tensors
-        gw = g if weight is None else g * weight
-        return (gw - gw.mean(ctx.dims, keepdim=True)) * rstd, None, None, None, None
+        gw = g.clone() if weight is None else g * weight
+        return gw.sub_(gw.mean(ctx.dims, keepdim=True)).mul_(rstd), None, None, None, None
+
+
+class _AffineRule:
+    """The tensors one affine layer's rule needs, computed once per :func:`lrp_rules` block (not
+    per forward): the weight ``[out, in]`` and bias (optionally a block of output rows), ``|W|``
+    and ``k |b| + ε'`` for the γ-rule's denominator (``k = γ / (2 + γ)``, ``ε' = ε / (1 + γ/2)``),
+    and an optional per-output gradient scale (the fused AttnLRP attention's 1/4, 1/4, 1/2 on
+    q, k, v), applied to the saved factor rather than to copies of the weights."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rule: str, gamma: float, eps: float,
+                 rows: slice = slice(None), row_scale: torch.Tensor | None = None) -> None:
+        with torch.no_grad():
+            w = weight.detach()[rows]
+            self.weight = w
+            self.bias = None if bias is None else bias.detach()[rows]
+            self.scale = None if row_scale is None else row_scale.to(w)
+            self.abs_weight = self.den_bias = None
+            gamma_on = rule == "gamma" and gamma > 0
+            # ε = 0 with the ε-rule is LRP-0: the plain gradient (no factor at all)
+            self.eps = max(eps, torch.finfo(w.dtype).tiny) if eps > 0 or gamma_on else None
+            if gamma_on:
+                self.k = k = gamma / (2 + gamma)
+                eps_ = self.eps / (1 + gamma / 2)
+                self.abs_weight = w.abs()
+                self.den_bias = (torch.full((w.shape[0],), eps_, dtype=w.dtype, device=w.device)
+                                 if self.bias is None else self.bias.abs().mul_(k).add_(eps_))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return _AffineRuleFn.apply(x, self)
+
+
+class _AffineRuleFn(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with the ε- or γ-rule as its backward (see :func:`gamma_rule` for the
+    γ-rule's algebra). The forward computes the one factor the backward needs, ``q = y / den``
+    (``|y| / den`` is ``q``'s magnitude with ``g``'s sign after multiplying by ``g``), and the
+    backward, which may run once, reuses its memory."""
+
+    @staticmethod
+    def forward(ctx, x, rule):  # noqa: ANN001, ANN205
+        y = F.linear(x, rule.weight, rule.bias)
+        ctx.rule, ctx.done = rule, False
+        if rule.abs_weight is not None:  # γ: den = |y| + k (|x||W|ᵀ + |b|) + ε'
+            den = torch.abs(y).add_(rule.den_bias)
+            den.view(-1, den.shape[-1]).addmm_(x.abs().reshape(-1, x.shape[-1]), rule.abs_weight.t(), alpha=rule.k)
+            if rule.scale is not None:
+                den.div_(rule.scale)
+            ctx.save_for_backward(x, torch.div(y, den, out=den))
+        elif rule.eps is not None:  # ε: y / (y + ε sign y) = |y| / (|y| + ε)
+            ay = y.abs()
+            den = ay + rule.eps
+            if rule.scale is not None:
+                den.div_(rule.scale)
+            ctx.save_for_backward(torch.div(ay, den, out=ay))
+        return y
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        if ctx.done:
+            raise RuntimeError("LRP rules: this graph's backward ran already (it reuses its buffers); "
+                               "run the forward again")
+        ctx.done = True
+        rule = ctx.rule
+        if rule.abs_weight is not None:
+            x, q = ctx.saved_tensors
+            gq = q.mul_(g)  # g y / den
+            gx = torch.matmul(torch.copysign(gq, g), rule.weight)  # g |y| / den
+            return gx.addcmul_(x.sign(), torch.matmul(gq, rule.abs_weight), value=rule.k), None
+        if rule.eps is not None:
+            (p,) = ctx.saved_tensors
+            g = p.mul_(g)
+        elif rule.scale is not None:
+            g = g * rule.scale
+        return torch.matmul(g, rule.weight), None
 
 
 def gamma_rule(layer: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
-               bias: torch.Tensor | None, gamma: float, eps: float) -> torch.Tensor:
+               bias: torch.Tensor | None, gamma: float, eps: float,
+               abs_weight: torch.Tensor | None = None, abs_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Generalised γ-rule for a linear or convolutional ``layer(x, weight, bias)``.
 
     Positive outputs take ``z⁺ = z + γ (x⁺w⁺ + x⁻w⁻ + b⁺)``, negative ones
-    ``z⁻ = z + γ (x⁺w⁻ + x⁻w⁺ + b⁻)``; the two extra terms come from one call on the doubled
-    input ``[x⁺, x⁻]`` with weights ``[w⁺, w⁻]`` (the mixed term is the rest of ``z``).
+    ``z⁻ = z + γ (x⁺w⁻ + x⁻w⁺ + b⁻)``, and the backward is ``g ⊙ y / z`` through ``z``. Since the
+    same-sign contributions are ``x⁺w⁺ + x⁻w⁻ = (xw + |x||w|) / 2`` and ``b^± − b/2 = ±|b|/2``,
+    ``z = (1 + γ/2) y + (γ/2) sign(y) (|x||w| + |b|)`` (``|z| ≥ |y|``, same sign), so the whole
+    rule is the forward ``y`` plus one call ``a = layer(|x|, k|w|, k|b| + ε')`` with
+    ``k = γ / (2 + γ)``, ``ε' = ε / (1 + γ/2)``: with ``den = |y| + a``, the gradient is that of
+    ``(|y| / den) y + (y / den) a`` (factors constant). Two layer calls forward, two backward,
+    instead of three and three. ``abs_weight`` / ``abs_bias`` are ``k|w|`` and ``k|b| + ε'``
+    when the caller has them already.
     """
     y = layer(x, weight, bias)
-    xs = torch.cat([x.clamp(min=0), x.clamp(max=0)], dim=1 if weight.ndim > 2 else -1)
-    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-    same = layer(xs, torch.cat([wp, wn], dim=1), None)  # x⁺w⁺ + x⁻w⁻
-    bp = bn = 0.0
-    if bias is not None:
-        shape = (-1,) + (1,) * (weight.ndim - 2)
-        bp, bn = bias.clamp(min=0).view(shape), bias.clamp(max=0).view(shape)
-    nobias = y if bias is None else y - bias.view((-1,) + (1,) * (weight.ndim - 2))
-    z = torch.where(y >= 0, y + gamma * (same + bp), y + gamma * (nobias - same + bn))
-    return keep_value(z * (y / stabilize(z, eps)).detach(), y)
+    if abs_weight is None:
+        with torch.no_grad():
+            k, eps_ = gamma / (2 + gamma), max(eps, torch.finfo(y.dtype).tiny) / (1 + gamma / 2)
+            abs_weight = weight.detach().abs() * k
+            abs_bias = (torch.full((weight.shape[0],), eps_, dtype=y.dtype, device=y.device)
+                        if bias is None else bias.detach().abs() * k + eps_)
+    a = layer(x.abs(), abs_weight, abs_bias)
+    with torch.no_grad():
+        ay = y.abs()
+        den = a + ay
+        p, q = ay.div_(den), torch.div(y, den)
+    return keep_value(p * y + q * a, y)
 
 
 def _linear(m: nn.Linear, rule: str, gamma: float, eps: float) -> Callable:
+    prepared: list[_AffineRule] = []  # built at the first call inside the block
+
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if rule == "gamma" and gamma > 0:
-            return gamma_rule(F.linear, x, m.weight, m.bias, gamma, eps)
-        return epsilon_rule(F.linear(x, m.weight, m.bias), eps)
+        if not prepared:
+            prepared.append(_AffineRule(m.weight, m.bias, rule, gamma, eps))
+        return prepared[0](x)
     return forward
 
 
+def _is_patchify(m: nn.Conv2d) -> bool:
+    """A convolution over non-overlapping patches (a ViT's patch embedding): a linear layer on
+    each patch."""
+    return (tuple(m.kernel_size) == tuple(m.stride) and m.padding in ((0, 0), "valid")
+            and tuple(m.dilation) == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
+
+
 def _conv(m: nn.Conv2d, rule: str, gamma: float, eps: float) -> Callable:
+    prepared: list = []  # built at the first call inside the block
+
     def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return m._conv_forward(x, w, b)
 
+    def patchify(x: torch.Tensor) -> torch.Tensor:  # the same values as the convolution, as one linear rule
+        if not prepared:
+            prepared.append(_AffineRule(m.weight.flatten(1), m.bias, rule, gamma, eps))
+        (kh, kw), (n, c, h, w) = m.kernel_size, x.shape
+        gh, gw = h // kh, w // kw
+        patches = x[:, :, : gh * kh, : gw * kw].reshape(n, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5)
+        out = prepared[0](patches.reshape(n, gh * gw, c * kh * kw))
+        return out.transpose(1, 2).unflatten(2, (gh, gw))
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         if rule == "gamma" and gamma > 0:
+            if _is_patchify(m) and x.ndim == 4:  # (the ε-rule keeps the convolution's own y: its
+                return patchify(x)  # factor y / (y + ε) is as sensitive to y's rounding as ε is small)
             if m.groups != 1:
                 raise HarnessError("the γ-rule supports ungrouped convolutions only; use rule=epsilon")
-            return gamma_rule(conv, x, m.weight, m.bias, gamma, eps)
+            if not prepared:
+                with torch.no_grad():
+                    w, k = m.weight.detach(), gamma / (2 + gamma)
+                    eps_ = max(eps, torch.finfo(w.dtype).tiny) / (1 + gamma / 2)
+                    prepared.extend([w.abs() * k, torch.full((w.shape[0],), eps_, dtype=w.dtype, device=w.device)
+                                     if m.bias is None else m.bias.detach().abs() * k + eps_])
+            return gamma_rule(conv, x, m.weight, m.bias, gamma, eps, *prepared)
         return epsilon_rule(conv(x, m.weight, m.bias), eps)
     return forward
 
@@ -205,37 +298,67 @@ def _identity_activation(m: nn.Module) -> Callable:
     return forward
 
 
-def _attention(m: nn.Module, mode: str) -> Callable:
-    """timm ``Attention.forward`` with AttnLRP's or CP-LRP's relevance flow.
+def _attention(m: nn.Module, mode: str, rule: str, gamma: float, eps: float) -> Callable:
+    """timm ``Attention.forward`` with AttnLRP's or CP-LRP's relevance flow (``m.qkv``'s rule
+    included: the caller leaves ``m.qkv`` itself unpatched).
 
     CP-LRP computes the attention probabilities without gradient (they are constants), so the
-    backward is one matmul. AttnLRP, fused (``scaled_dot_product_attention``, as timm runs it by
-    default): its softmax rule is the plain softmax gradient, so its two uniform matmul rules
-    come down to scaling the gradients of ``v`` by 1/2 and of ``q`` and ``k`` by 1/4 (half at
-    ``attn @ v``, half again at ``q @ kᵀ``). The explicit path (when ``fused_attn`` is off)
-    applies the same rules op by op; a test checks both agree.
+    backward is one matmul, and only the value rows of ``qkv`` get a rule (the query and key
+    rows are a plain no-grad forward). AttnLRP, fused (``scaled_dot_product_attention``, as timm
+    runs it by default): its softmax rule is the plain softmax gradient, so its two uniform
+    matmul rules come down to scaling the gradients of ``v`` by 1/2 and of ``q`` and ``k`` by 1/4
+    (half at ``attn @ v``, half again at ``q @ kᵀ``), folded here into the backward weights of
+    ``qkv``. The explicit path (when ``fused_attn`` is off) applies the same rules op by op; a
+    test checks both agree.
     """
     from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 
+    prepared: dict[str, _AffineRule] = {}  # built at the first call inside the block
+    plain = eps == 0 and (rule == "epsilon" or gamma == 0)  # LRP-0: qkv keeps its plain gradient
+
+    def qkv_rule(x: torch.Tensor, fused: bool) -> torch.Tensor:
+        if plain and (mode == "cp" or not fused):
+            return m.qkv(x)
+        key = f"{mode}-{fused}"
+        if key not in prepared:
+            rows, scale = slice(None), None
+            if mode == "cp":
+                rows = slice(2 * m.attn_dim, None)
+            elif fused:
+                scale = torch.full((3 * m.attn_dim,), 0.25)
+                scale[2 * m.attn_dim :] = 0.5
+            prepared[key] = _AffineRule(m.qkv.weight, m.qkv.bias, rule, gamma, eps, rows, scale)
+        return prepared[key](x)
+
     def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = m.qkv(x).reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = m.q_norm(q), m.k_norm(k)
         if mode == "cp":  # constant attention: only ``attn @ v`` needs a backward
+            w, bias = m.qkv.weight, m.qkv.bias
+            qk_rows = slice(None, 2 * m.attn_dim)
             with torch.no_grad():
+                qk = F.linear(x, w[qk_rows], None if bias is None else bias[qk_rows])
+                q, k = qk.reshape(b, n, 2, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+                q, k = m.q_norm(q), m.k_norm(k)
                 logits = (q * m.scale) @ k.transpose(-2, -1)
                 attn = maybe_add_mask(logits, resolve_self_attn_mask(n, logits, attn_mask, is_causal)).softmax(-1)
-            out = m.attn_drop(attn) @ v
-        elif m.fused_attn:
-            q, k, v = scale_grad(q, 0.25), scale_grad(k, 0.25), scale_grad(v, 0.5)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                                 dropout_p=m.attn_drop.p if m.training else 0.0)
+            if plain:
+                v = F.linear(x, w[2 * m.attn_dim :], None if bias is None else bias[2 * m.attn_dim :])
+            else:
+                v = qkv_rule(x, False)
+            out = m.attn_drop(attn) @ v.reshape(b, n, m.num_heads, m.head_dim).transpose(1, 2)
         else:
-            q = q * m.scale
-            logits = uniform_matmul(q, k.transpose(-2, -1))
-            logits = maybe_add_mask(logits, resolve_self_attn_mask(n, logits, attn_mask, is_causal))
-            out = uniform_matmul(m.attn_drop(logits.softmax(dim=-1)), v)
+            fused = bool(m.fused_attn)
+            qkv = qkv_rule(x, fused).reshape(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = m.q_norm(q), m.k_norm(k)
+            if fused:  # gradient scales 1/4, 1/4, 1/2 are in qkv's backward weights
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                     dropout_p=m.attn_drop.p if m.training else 0.0)
+            else:
+                q = q * m.scale
+                logits = uniform_matmul(q, k.transpose(-2, -1))
+                logits = maybe_add_mask(logits, resolve_self_attn_mask(n, logits, attn_mask, is_causal))
+                out = uniform_matmul(m.attn_drop(logits.softmax(dim=-1)), v)
         out = m.norm(out.transpose(1, 2).reshape(b, n, m.attn_dim))
         return m.proj_drop(m.proj(out))
     return forward
@@ -271,12 +394,16 @@ def lrp_rules(net: nn.Module, mode: str = "attnlrp", rule: str = "epsilon", epsi
     from timm.layers import Attention
 
     patched: list[nn.Module] = []
+    in_attention: set[int] = set()  # qkv layers, whose rule the attention patch applies itself
     try:
         for m in net.modules():
             if "forward" in vars(m):
                 raise HarnessError(f"{type(m).__name__} already has a patched forward; refusing to stack LRP rules")
             if type(m) is Attention:
-                fwd = _attention(m, mode)
+                fwd = _attention(m, mode, rule, gamma_linear, epsilon)
+                in_attention.add(id(m.qkv))
+            elif id(m) in in_attention:
+                continue
             elif isinstance(m, (nn.Linear, nn.Conv2d)):
                 gamma = gamma_linear if isinstance(m, nn.Linear) else gamma_conv
                 if (rule == "epsilon" or gamma == 0) and epsilon == 0:
@@ -314,6 +441,7 @@ class TransformerLRP(Explainer):
 
     needs_gradients = True
     patches_model = True
+    patches_scoped = True  # tests/test_transformer_lrp.py: nothing left behind, errors included
     architectures = ("vit",)
 
     def __init__(self, mode: str = "attnlrp", rule: str = "gamma", epsilon: float = 1e-6,
