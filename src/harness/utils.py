@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -33,9 +35,42 @@ def config_hash(obj: Any, length: int = 12) -> str:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch global RNGs (libraries such as lime read the global ones)."""
+    """Seed Python, numpy and torch global RNGs (libraries such as lime read the global ones).
+
+    This changes the caller's RNGs for good: library code seeds inside :func:`seeded` (or
+    :func:`rng_restored`) instead, so what ran before and after it draws as if it had not run."""
     import torch
 
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextmanager
+def rng_restored() -> Iterator[None]:
+    """Save the global RNG states of Python's ``random``, numpy and torch (CPU, and every CUDA
+    device already initialised) and put them back on exit, errors included: whatever the block
+    seeds or draws, the caller's random streams go on as if it had not run.
+
+    A CUDA context first made inside the block starts from the seed the block gave it; there
+    was no earlier state of it to restore."""
+    import torch
+
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """:func:`seed_everything` for the block only: the caller's RNG states come back on exit."""
+    with rng_restored():
+        seed_everything(seed)
+        yield

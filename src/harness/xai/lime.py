@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from harness.types import HarnessError
+from harness.utils import rng_restored
 from harness.xai.base import Explainer, ModelCost, check_fill, fill_like, image_seed
 from harness.xai.superpixels import segment
 
@@ -18,7 +19,8 @@ class Lime(Explainer):
 
     Each pixel gets the surrogate weight of its superpixel for the target class. Model calls go
     in batches of ``batch_size``. Every random draw is seeded per image (from ``seed`` and the
-    image bytes): lime's own ``random_state`` and segmentation seed, and the global numpy RNG.
+    image bytes): lime's own ``random_state`` and segmentation seed, and the global numpy RNG
+    (whose state the caller gets back when :meth:`explain` returns).
     The superpixel mask LIME's paper figure shows (top-k positive superpixels) comes from
     :func:`harness.xai.superpixels.top_k_mask` on the returned map and
     :meth:`segments`.
@@ -76,24 +78,25 @@ class Lime(Explainer):
             return (out.softmax(1) if self.output == "softmax" else out).cpu().numpy()
 
         maps = []
-        for img_t, target in zip(x, targets.tolist()):
-            img = img_t.permute(1, 2, 0).cpu().numpy().astype(np.float32)
-            seed = image_seed(self.seed, img)
-            np.random.seed(seed)
-            segs = self.segments(img)
-            hide = None
-            if self.hide != "superpixel_mean":
-                hide = fill_like(model, img_t[None], self.hide, "xai.hide")[0, :, 0, 0].cpu().numpy()
-            explainer = LimeImageExplainer(kernel_width=self.kernel_width, random_state=seed)
-            # lime 0.2.0.1 draws a progress bar per image with no switch: silence it, scoped.
-            with mock.patch("lime.lime_image.tqdm", lambda it, **_: it):
-                exp = explainer.explain_instance(
-                    img.astype(np.float64), classify, labels=(target,), top_labels=None, hide_color=hide,
-                    num_features=int(segs.max()) + 1, num_samples=self.num_samples,
-                    batch_size=self.batch_size, segmentation_fn=lambda _im, s=segs: s, random_seed=seed,
-                )
-            weights = np.zeros(int(segs.max()) + 1)
-            for sp, wgt in exp.local_exp[target]:
-                weights[sp] = wgt
-            maps.append(torch.from_numpy(weights[segs]).float())
+        with rng_restored():  # lime draws from numpy's global RNG: seed it for this call only
+            for img_t, target in zip(x, targets.tolist()):
+                img = img_t.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+                seed = image_seed(self.seed, img)
+                np.random.seed(seed)
+                segs = self.segments(img)
+                hide = None
+                if self.hide != "superpixel_mean":
+                    hide = fill_like(model, img_t[None], self.hide, "xai.hide")[0, :, 0, 0].cpu().numpy()
+                explainer = LimeImageExplainer(kernel_width=self.kernel_width, random_state=seed)
+                # lime 0.2.0.1 draws a progress bar per image with no switch: silence it, scoped.
+                with mock.patch("lime.lime_image.tqdm", lambda it, **_: it):
+                    exp = explainer.explain_instance(
+                        img.astype(np.float64), classify, labels=(target,), top_labels=None, hide_color=hide,
+                        num_features=int(segs.max()) + 1, num_samples=self.num_samples,
+                        batch_size=self.batch_size, segmentation_fn=lambda _im, s=segs: s, random_seed=seed,
+                    )
+                weights = np.zeros(int(segs.max()) + 1)
+                for sp, wgt in exp.local_exp[target]:
+                    weights[sp] = wgt
+                maps.append(torch.from_numpy(weights[segs]).float())
         return torch.stack(maps)
