@@ -16,12 +16,10 @@ def plot_curves(results: dict[str, MetricOutput], path: str | Path, title: str =
     panels = {name: r for name, r in results.items() if r.curves and r.curve_x is not None}
     if not panels:
         return False
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend and figure list stay as they are
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (name, r) in zip(axes[0], panels.items()):
         for label, curves in r.curves.items():
             ok = np.isfinite(curves).all(1)
@@ -35,5 +33,4 @@ def plot_curves(results: dict[str, MetricOutput], path: str | Path, title: str =
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True

@@ -5,7 +5,6 @@ for lines and a ColorBrewer diverging map (Harrower & Brewer 2003) for attributi
 
 from __future__ import annotations
 
-import sys
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,30 +22,33 @@ FULL_WIDTH = 7.0  # inches: \textwidth of a two-column paper (a column is about 
 
 
 @contextmanager
-def paper_style(font_size: float = 8, palette: tuple[str, ...] = OKABE_ITO) -> Iterator[Any]:
-    """Matplotlib (pyplot) with paper settings, restored afterwards."""
+def paper_style(font_size: float = 8, palette: tuple[str, ...] = OKABE_ITO) -> Iterator[None]:
+    """Matplotlib's rcParams with paper settings for the block, restored afterwards. The figures
+    of this module are plain ``matplotlib.figure.Figure`` objects, not pyplot's: making and
+    saving them neither picks nor switches a backend, nor adds to pyplot's figure list (a
+    notebook keeps its inline backend and displays a returned figure as usual)."""
     import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:  # a notebook keeps its own (inline) backend
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from cycler import cycler
 
     rc = {"font.size": font_size, "axes.titlesize": font_size, "axes.labelsize": font_size,
           "legend.fontsize": font_size - 1, "xtick.labelsize": font_size - 1, "ytick.labelsize": font_size - 1,
           "pdf.fonttype": 42, "ps.fonttype": 42, "axes.prop_cycle": cycler(color=list(palette)),
           "axes.spines.top": False, "axes.spines.right": False, "savefig.bbox": "tight", "savefig.pad_inches": 0.02}
-    with plt.rc_context(rc):
-        yield plt
+    with matplotlib.rc_context(rc):
+        yield
+
+
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A figure outside pyplot (see :func:`paper_style`)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=figsize)
 
 
 def save(fig: Any, folder: Path, stem: str, formats: list[str], dpi: int = 300) -> list[Path]:
-    import matplotlib.pyplot as plt
-
     paths = [folder / f"{stem}.{f}" for f in formats]
     for p in paths:
         fig.savefig(p, dpi=dpi)
-    plt.close(fig)
     return paths
 
 
@@ -70,9 +72,9 @@ def method_styles(methods: list[str]) -> dict[str, dict[str, str]]:
 
 def _small() -> float:
     """Font size for colour bars and dense text: 2 pt below the body size, at least 6 pt."""
-    import matplotlib.pyplot as plt
+    import matplotlib
 
-    return max(6.0, float(plt.rcParams["font.size"]) - 2)
+    return max(6.0, float(matplotlib.rcParams["font.size"]) - 2)
 
 
 def _legend(fig: Any, axes: Any, ncol: int) -> None:
@@ -133,10 +135,8 @@ def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str
     with_input = all(i in inputs for i in ids)
     ncol = len(maps) + with_input
     cell = min(1.2, (FULL_WIDTH - 0.4) / ncol)
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(ids), ncol + 1, figsize=(cell * ncol + 0.4, cell * len(ids) + 0.25), squeeze=False,
-                             gridspec_kw={"width_ratios": [1] * ncol + [0.07]})
+    fig = _figure((cell * ncol + 0.4, cell * len(ids) + 0.25))
+    axes = fig.subplots(len(ids), ncol + 1, squeeze=False, gridspec_kw={"width_ratios": [1] * ncol + [0.07]})
     for r, image_id in enumerate(ids):
         vmax = 1.0 if scale == "map" else (max(float(np.abs(m[image_id]).max()) for m in maps.values()) or 1.0)
         cb_label = "map / max|map|" if scale == "map" else "relevance"
@@ -185,10 +185,8 @@ def figure1(sweep: Sweep, run_ids: list[str], n_images: int = 2, max_chars: int 
                           shown[0] if len(shown) == 1 else np.concatenate(shown, axis=1)))
     if not lines:
         return None
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(lines), 3, figsize=(FULL_WIDTH, 1.75 * len(lines)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1, 1, 2.2]})
+    fig = _figure((FULL_WIDTH, 1.75 * len(lines)))
+    axes = fig.subplots(len(lines), 3, squeeze=False, gridspec_kw={"width_ratios": [1, 1, 2.2]})
     for r, (run, a, original, shown) in enumerate(lines):
         if original is not None:
             axes[r, 0].imshow(original)
@@ -233,11 +231,10 @@ def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None,
         gaps.append(_missing(missing, "curves.npz", bool(panels)))
     if not panels:
         return None
-    import matplotlib.pyplot as plt
-
     ncol = min(4, len(panels))
     nrow = -(-len(panels) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(FULL_WIDTH, 1.9 * nrow), squeeze=False)
+    fig = _figure((FULL_WIDTH, 1.9 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax, (key, lines) in zip(axes.flat, panels.items()):
         for method, (x, ys) in lines.items():
             ys = ys[np.isfinite(ys).all(1)]
@@ -276,14 +273,13 @@ def text_metrics(runs: pd.DataFrame, scores: list[str], info: dict[str, dict], h
     scores = [s for s in scores if s in runs.columns and runs[s].notna().any()]
     if runs.empty or not scores:
         return None
-    import matplotlib.pyplot as plt
-
     methods = order_methods(list(runs["xai"].unique()), order)
     groups = list(dict.fromkeys(" · ".join(_label(str(v)) for v in row) for row in runs[hue].itertuples(index=False)))
     key = runs[hue].astype(str).agg(" · ".join, axis=1).map(_label)
     ncol = min(4, len(scores))
     nrow = -(-len(scores) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(FULL_WIDTH, 1.8 * nrow), squeeze=False)
+    fig = _figure((FULL_WIDTH, 1.8 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     width = 0.8 / len(groups)
     for ax, score in zip(axes.flat, scores):
         for g, name in enumerate(groups):

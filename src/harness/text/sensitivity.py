@@ -95,12 +95,10 @@ def sensitivity(answers: pd.DataFrame, vectors: np.ndarray, group_by: list[str],
 def plot(result: SensitivityResult, path) -> None:
     """Left: within- and between-method distances; right: the permutation null and the observed
     statistic."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: the caller's backend and figure list stay as they are
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(7.0, 2.8))
+    fig = Figure(figsize=(7.0, 2.8))
+    a, b = fig.subplots(1, 2)
     bins = np.linspace(0, max(1e-6, float(max(result.between.max(), result.within.max()))), 30)
     a.hist(result.within, bins=bins, alpha=0.6, label="same method", color="#0072B2", density=True)
     a.hist(result.between, bins=bins, alpha=0.6, label="different methods", color="#D55E00", density=True)
@@ -112,4 +110,3 @@ def plot(result: SensitivityResult, path) -> None:
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
-    plt.close(fig)
