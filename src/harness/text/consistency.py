@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -16,9 +17,22 @@ from harness.text.base import Context, TextMetric
 log = logging.getLogger(__name__)
 
 
-# Models that failed to load in this process (a sweep's jobs share it with the basic launcher): without
-# network and without HF_HUB_OFFLINE each attempt spends about a minute on the hub client's retries.
-_UNAVAILABLE: dict[str, str] = {}
+# Loads that failed in this process, keyed by everything on this machine that decides whether a load can
+# succeed (see :meth:`Embedder._load_key`): without network and without HF_HUB_OFFLINE each attempt spends
+# about a minute on the hub client's retries, and a sweep's jobs share the process with the basic launcher.
+# Under the same key a second attempt meets the same files and settings, so skipping it gives the job the
+# result it would get anyway (the fallback, or the same error); a new folder, a fresh download into the hub
+# cache, another device or HF_HUB_OFFLINE value is a new key and is tried. Loaded models are not kept here:
+# each Embedder (one per metric, so per job) loads its own.
+_UNAVAILABLE: dict[tuple, str] = {}
+
+
+def _fingerprint(path: Path) -> tuple:
+    """The modification times of the folder ``path`` and of its entries; () where there is no such folder."""
+    try:
+        return (path.stat().st_mtime_ns, tuple(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(path))))
+    except OSError:  # missing, not a folder, or unreadable
+        return ()
 
 
 class Embedder:
@@ -45,19 +59,32 @@ class Embedder:
         self._model: Any = None
         self.name = "embedding"
 
+    def _load_key(self, offline: bool) -> tuple:
+        """What decides whether loading ``model`` can succeed here: its name, the device, the
+        offline switch, and the state of the local folder and of the hub cache's folder for it."""
+        try:
+            from huggingface_hub import constants
+
+            hub = str(constants.HF_HUB_CACHE)
+        except ImportError:  # no hub client (then no sentence-transformers either)
+            hub = ""
+        cached = _fingerprint(Path(hub) / f"models--{self.model_name.replace('/', '--')}") if hub else ()
+        return (self.model_name, self.device, offline, hub, _fingerprint(Path(self.model_name).expanduser()), cached)
+
     def _load(self) -> Any:
         if self._model is None and self.name == "embedding":
             from harness.types import HarnessError
 
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+            key = self._load_key(offline)
             try:
                 from sentence_transformers import SentenceTransformer
 
-                if self.model_name in _UNAVAILABLE:  # failed before in this process: no second minute of retries
-                    raise OSError(_UNAVAILABLE[self.model_name])
+                if key in _UNAVAILABLE:  # failed before in this process, nothing changed: no second minute of retries
+                    raise OSError(_UNAVAILABLE[key])
                 self._model = SentenceTransformer(self.model_name, device=self.device, local_files_only=offline)
             except Exception as e:  # noqa: BLE001 - OSError offline, or a broken folder
-                _UNAVAILABLE.setdefault(self.model_name, f"{type(e).__name__}: {e}")
+                _UNAVAILABLE.setdefault(key, f"{type(e).__name__}: {e}")
                 if self.fallback is None:
                     raise HarnessError(f"sentence-transformers model {self.model_name!r} is not available "
                                        f"({type(e).__name__}); give a local folder or set fallback: tfidf") from None
