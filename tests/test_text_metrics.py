@@ -201,3 +201,31 @@ def test_a_model_that_failed_to_load_is_not_retried_by_the_next_job(monkeypatch)
         emb = Embedder("nobody/not-a-model-" + "x" * 8)
         assert emb(["one answer", "another answer"]).shape[0] == 2 and emb.name == "tfidf"
     assert len(calls) == 1
+
+
+def test_a_model_that_became_loadable_is_tried_again(monkeypatch, tmp_path):
+    """The note of failed loads is keyed by the folder's state: once the folder exists, the next
+    job loads the model instead of keeping the fallback."""
+    import sentence_transformers
+
+    from harness.text.consistency import Embedder
+
+    calls = []
+
+    def load(name, **kwargs):
+        calls.append(name)
+        if not (tmp_path / "st" / "modules.json").exists():
+            raise OSError("not a model folder")
+        return type("Model", (), {"encode": lambda self, texts, **kw: np.ones((len(texts), 3))})()
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", load)
+    folder = str(tmp_path / "st")
+    for _ in range(2):
+        emb = Embedder(folder)
+        emb(["one answer", "another answer"])
+        assert emb.name == "tfidf"
+    assert len(calls) == 1
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "modules.json").write_text("[]")
+    emb = Embedder(folder)
+    assert emb(["one answer", "another answer"]).shape == (2, 3) and emb.name == "embedding" and len(calls) == 2
