@@ -184,7 +184,7 @@ def _impute_sparse(x: np.ndarray, img: np.ndarray, pixels: np.ndarray, offsets: 
         m = len(rr)
         if m in (0, h * w):  # nothing removed, or nothing kept (singular; Quantus' solve gives 0)
             flat = out[j].reshape(c, -1)
-            flat[:, idx] = (flat[:, idx] if m else 0.0) + noise[:, offsets[j] : offsets[j + 1]]
+            flat[:, idx] = (0.0 if m else flat[:, idx]) + noise[:, offsets[j] : offsets[j + 1]]
             continue
         diag, rhs = _system_parts(x, img[j : j + 1], removed)
         gid = np.full((h, w), -1)
