@@ -38,6 +38,7 @@ References:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -140,7 +141,8 @@ class _AffineRule:
     q, k, v), applied to the saved factor rather than to copies of the weights."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rule: str, gamma: float, eps: float,
-                 rows: slice = slice(None), row_scale: torch.Tensor | None = None) -> None:
+                 rows: slice = slice(None), row_scale: torch.Tensor | None = None,
+                 abs_of: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         with torch.no_grad():
             w = weight.detach()[rows]
             self.weight = w
@@ -153,7 +155,7 @@ class _AffineRule:
             if gamma_on:
                 self.k = k = gamma / (2 + gamma)
                 eps_ = self.eps / (1 + gamma / 2)
-                self.abs_weight = w.abs()
+                self.abs_weight = w.abs() if abs_of is None else abs_of(weight)[rows]
                 self.den_bias = (torch.full((w.shape[0],), eps_, dtype=w.dtype, device=w.device)
                                  if self.bias is None else self.bias.abs().mul_(k).add_(eps_))
 
@@ -194,6 +196,17 @@ class _AffineRuleFn(torch.autograd.Function):
         rule = ctx.rule
         if rule.abs_weight is not None:
             x, q = ctx.saved_tensors
+            g2 = g.reshape(-1, g.shape[-1])
+            live = g2.any(1)  # rows with relevance (a ViT's last block: the class token only)
+            n_live = int(live.sum())
+            if 2 * n_live <= len(live):  # the same values from the live rows alone
+                idx = live.nonzero().squeeze(1)
+                gl, xl = g2.index_select(0, idx), x.reshape(-1, x.shape[-1]).index_select(0, idx)
+                gq = q.view(-1, q.shape[-1]).index_select(0, idx).mul_(gl)
+                gxl = torch.matmul(torch.copysign(gq, gl), rule.weight)
+                gxl.addcmul_(xl.sign(), torch.matmul(gq, rule.abs_weight), value=rule.k)
+                gx = gxl.new_zeros(len(live), x.shape[-1]).index_copy_(0, idx, gxl)
+                return gx.view(x.shape), None
             gq = q.mul_(g)  # g y / den
             gx = torch.matmul(torch.copysign(gq, g), rule.weight)  # g |y| / den
             return gx.addcmul_(x.sign(), torch.matmul(gq, rule.abs_weight), value=rule.k), None
@@ -235,12 +248,40 @@ def gamma_rule(layer: Callable[..., torch.Tensor], x: torch.Tensor, weight: torc
     return keep_value(p * y + q * a, y)
 
 
-def _linear(m: nn.Linear, rule: str, gamma: float, eps: float) -> Callable:
+class AbsWeights:
+    """``|W|`` of each weight, kept across :func:`lrp_rules` blocks while the weight is alive and
+    unchanged (same tensor, storage and version counter: any in-place update, e.g. an optimiser
+    step or ``load_state_dict``, makes it recompute). Held by the explainer, never by the model;
+    one ``|W|`` per weight of the models it explained (a ViT-B/16: 344 MB in float32). Writes
+    through ``.data`` bypass the version counter: call :meth:`clear` after them."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple] = {}
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor:
+        sig = (w._version, w.data_ptr(), w.dtype, w.device, tuple(w.shape))
+        hit = self._entries.get(id(w))
+        if hit is not None and hit[0]() is w and hit[1] == sig:
+            return hit[2]
+        with torch.no_grad():
+            a = w.detach().abs()
+        entries, key = self._entries, id(w)
+        self._entries[key] = (weakref.ref(w, lambda _: entries.pop(key, None)), sig, a)
+        return a
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _linear(m: nn.Linear, rule: str, gamma: float, eps: float, abs_of: Callable | None = None) -> Callable:
     prepared: list[_AffineRule] = []  # built at the first call inside the block
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not prepared:
-            prepared.append(_AffineRule(m.weight, m.bias, rule, gamma, eps))
+            prepared.append(_AffineRule(m.weight, m.bias, rule, gamma, eps, abs_of=abs_of))
         return prepared[0](x)
     return forward
 
@@ -252,7 +293,7 @@ def _is_patchify(m: nn.Conv2d) -> bool:
             and tuple(m.dilation) == (1, 1) and m.groups == 1 and m.padding_mode == "zeros")
 
 
-def _conv(m: nn.Conv2d, rule: str, gamma: float, eps: float) -> Callable:
+def _conv(m: nn.Conv2d, rule: str, gamma: float, eps: float, abs_of: Callable | None = None) -> Callable:
     prepared: list = []  # built at the first call inside the block
 
     def conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -260,7 +301,8 @@ def _conv(m: nn.Conv2d, rule: str, gamma: float, eps: float) -> Callable:
 
     def patchify(x: torch.Tensor) -> torch.Tensor:  # the same values as the convolution, as one linear rule
         if not prepared:
-            prepared.append(_AffineRule(m.weight.flatten(1), m.bias, rule, gamma, eps))
+            flat_abs = None if abs_of is None else (lambda w: abs_of(m.weight).flatten(1))
+            prepared.append(_AffineRule(m.weight.flatten(1), m.bias, rule, gamma, eps, abs_of=flat_abs))
         (kh, kw), (n, c, h, w) = m.kernel_size, x.shape
         gh, gw = h // kh, w // kw
         patches = x[:, :, : gh * kh, : gw * kw].reshape(n, c, gh, kh, gw, kw).permute(0, 2, 4, 1, 3, 5)
@@ -298,7 +340,8 @@ def _identity_activation(m: nn.Module) -> Callable:
     return forward
 
 
-def _attention(m: nn.Module, mode: str, rule: str, gamma: float, eps: float) -> Callable:
+def _attention(m: nn.Module, mode: str, rule: str, gamma: float, eps: float,
+               abs_of: Callable | None = None) -> Callable:
     """timm ``Attention.forward`` with AttnLRP's or CP-LRP's relevance flow (``m.qkv``'s rule
     included: the caller leaves ``m.qkv`` itself unpatched).
 
@@ -327,7 +370,7 @@ def _attention(m: nn.Module, mode: str, rule: str, gamma: float, eps: float) -> 
             elif fused:
                 scale = torch.full((3 * m.attn_dim,), 0.25)
                 scale[2 * m.attn_dim :] = 0.5
-            prepared[key] = _AffineRule(m.qkv.weight, m.qkv.bias, rule, gamma, eps, rows, scale)
+            prepared[key] = _AffineRule(m.qkv.weight, m.qkv.bias, rule, gamma, eps, rows, scale, abs_of)
         return prepared[key](x)
 
     def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
@@ -385,8 +428,12 @@ def _check_supported(net: nn.Module, method: str) -> None:
 
 @contextmanager
 def lrp_rules(net: nn.Module, mode: str = "attnlrp", rule: str = "epsilon", epsilon: float = 1e-6,
-              gamma_linear: float = 0.05, gamma_conv: float = 0.25) -> Iterator[nn.Module]:
-    """Within the block, ``net``'s backward pass propagates LRP relevance (see the module doc)."""
+              gamma_linear: float = 0.05, gamma_conv: float = 0.25,
+              abs_weights: AbsWeights | None = None) -> Iterator[nn.Module]:
+    """Within the block, ``net``'s backward pass propagates LRP relevance (see the module doc).
+
+    The γ-rule needs ``|W|`` of every affine layer: computed once per block, or taken from
+    ``abs_weights`` (kept across blocks) when given."""
     if mode not in MODES:
         raise HarnessError(f"xai.mode={mode!r} is not valid; valid: {', '.join(MODES)}")
     if rule not in RULES:
@@ -400,7 +447,7 @@ def lrp_rules(net: nn.Module, mode: str = "attnlrp", rule: str = "epsilon", epsi
             if "forward" in vars(m):
                 raise HarnessError(f"{type(m).__name__} already has a patched forward; refusing to stack LRP rules")
             if type(m) is Attention:
-                fwd = _attention(m, mode, rule, gamma_linear, epsilon)
+                fwd = _attention(m, mode, rule, gamma_linear, epsilon, abs_weights)
                 in_attention.add(id(m.qkv))
             elif id(m) in in_attention:
                 continue
@@ -408,7 +455,7 @@ def lrp_rules(net: nn.Module, mode: str = "attnlrp", rule: str = "epsilon", epsi
                 gamma = gamma_linear if isinstance(m, nn.Linear) else gamma_conv
                 if (rule == "epsilon" or gamma == 0) and epsilon == 0:
                     continue  # LRP-0 of an affine layer is its plain gradient: nothing to patch
-                fwd = (_linear if isinstance(m, nn.Linear) else _conv)(m, rule, gamma, epsilon)
+                fwd = (_linear if isinstance(m, nn.Linear) else _conv)(m, rule, gamma, epsilon, abs_weights)
             elif isinstance(m, nn.LayerNorm):
                 fwd = _layer_norm(m)
             elif type(m).__name__ in IDENTITY_ACTIVATIONS:
@@ -455,12 +502,14 @@ class TransformerLRP(Explainer):
         self.mode, self.rule = mode, rule
         self.epsilon = float(epsilon)
         self.gamma_linear, self.gamma_conv = float(gamma_linear), float(gamma_conv)
+        self._abs_weights = AbsWeights()  # |W| of the γ-rule, across calls (see AbsWeights)
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         net = network(model)
         _check_supported(net, "attnlrp" if self.mode == "attnlrp" else "cplrp")
         x = x.detach().requires_grad_(True)
-        with lrp_rules(net, self.mode, self.rule, self.epsilon, self.gamma_linear, self.gamma_conv), \
+        with lrp_rules(net, self.mode, self.rule, self.epsilon, self.gamma_linear, self.gamma_conv,
+                       self._abs_weights), \
                 torch.enable_grad():
             out = model(x).gather(1, targets[:, None]).sum()
             (grad,) = torch.autograd.grad(out, x)
