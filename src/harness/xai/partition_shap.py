@@ -195,7 +195,10 @@ class PartitionShap(Explainer):
                 break
             img = torch.tensor([i for i, m in per_game for _ in m], device=x.device)
             mask = self._rasterise([b for _, m in per_game for b in m], (h, w, c), x.device)
-            images = self._inpaint(xh[img], mask) if inpaint else torch.where(mask, xh[img], fill[img])
+            if inpaint:
+                images = self._inpaint(xh[img], mask.expand(-1, -1, -1, c))
+            else:
+                images = torch.where(mask, xh[img], fill[img])
             out, s = f(images, t[img]), 0
             for i, m in per_game:
                 games[i].update(out[s : s + len(m)])
@@ -204,11 +207,16 @@ class PartitionShap(Explainer):
 
     @staticmethod
     def _rasterise(masks: list[tuple[Box, ...]], shape: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-        """Boolean ``[B, H, W, C]`` masks, each the union of its boxes (padded with empty boxes)."""
+        """Boolean ``[B, H, W, C]`` masks (``[B, H, W, 1]`` while no box splits the channels), each
+        the union of its boxes (padded with empty boxes)."""
         depth = max(len(m) for m in masks)
         boxes = np.zeros((len(masks), depth, 6), dtype=np.int64)
         for j, m in enumerate(masks):
             boxes[j, : len(m)] = m
+        h, w, c = shape
+        empty = boxes[:, :, 0] == boxes[:, :, 1]
+        if (empty | ((boxes[:, :, 4] == 0) & (boxes[:, :, 5] == c))).all():
+            boxes[:, :, 4:6], shape = (0, 1), (h, w, 1)  # every box spans all channels
         b = torch.from_numpy(boxes).to(device)
         ar = [torch.arange(k, device=device) for k in shape]
         out = torch.zeros((len(masks), *shape), dtype=torch.bool, device=device)
