@@ -19,11 +19,7 @@ log = logging.getLogger(__name__)
 
 def load_answers(client, experiment_id: str, tmp: Path):
     """Every answer of the experiment's finished runs, with the run's option choices."""
-    import os
-
     import pandas as pd
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run is noise
 
     rows = []
     runs = client.search_runs([experiment_id], filter_string="attributes.status = 'FINISHED'")
@@ -81,6 +77,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sensitivity")
 def main(cfg: DictConfig) -> None:
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the entry point's choice: one bar per run is noise
     exit_cleanly("harness.sensitivity", run, cfg)
 
 

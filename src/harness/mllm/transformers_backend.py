@@ -10,6 +10,7 @@ from typing import Any
 
 from harness.mllm.base import MLLM, Answer, Request
 from harness.types import HarnessError
+from harness.utils import seeded
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,8 @@ class TransformersVLM(MLLM):
                 gen["min_new_tokens"] = d.min_new_tokens
             if d.do_sample:
                 gen.update(temperature=d.temperature, top_p=d.top_p)
-            torch.manual_seed(d.seed)
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with seeded(d.seed), torch.inference_mode():  # sampling seeded, the caller's RNGs untouched
                 seqs = model.generate(**inputs, **gen)
             latency = (time.perf_counter() - t0) / len(batch)
             n_in = inputs["input_ids"].shape[1]

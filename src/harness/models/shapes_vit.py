@@ -21,7 +21,7 @@ import torch
 
 from harness.data.shapes import GENERATOR_VERSION
 from harness.models.classifier import Classifier
-from harness.utils import config_hash, seed_everything, to_plain
+from harness.utils import config_hash, seeded, to_plain
 
 log = logging.getLogger(__name__)
 
@@ -144,19 +144,21 @@ def shapes_vit(
     # One trainer at a time per config: parallel jobs of a sweep wait for the first one.
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        seed_everything(seed)  # the initial weights must not depend on what ran before
-        model = _build(arch, cfg["model_kwargs"], len(classes))
-        if weights.exists() and meta_path.exists():
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-            meta = json.loads(meta_path.read_text())
-        else:
-            log.info("training vit_tiny_shapes (first use of this config) into %s", folder)
-            model.to(device)
-            meta = _train(model, cfg)
-            log.info("trained in %.0f s, held-out accuracy %.3f", meta["train_seconds"], meta["val_accuracy"])
-            tmp = folder / "model.pt.tmp"
-            torch.save(model.state_dict(), tmp)
-            os.replace(tmp, weights)
-            meta_path.write_text(json.dumps({**meta, "config": cfg}, indent=2))
+        # the initial weights must not depend on what ran before, nor what runs after on whether
+        # the model was trained or loaded: seeded for this block only
+        with seeded(seed):
+            model = _build(arch, cfg["model_kwargs"], len(classes))
+            if weights.exists() and meta_path.exists():
+                model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+                meta = json.loads(meta_path.read_text())
+            else:
+                log.info("training vit_tiny_shapes (first use of this config) into %s", folder)
+                model.to(device)
+                meta = _train(model, cfg)
+                log.info("trained in %.0f s, held-out accuracy %.3f", meta["train_seconds"], meta["val_accuracy"])
+                tmp = folder / "model.pt.tmp"
+                torch.save(model.state_dict(), tmp)
+                os.replace(tmp, weights)
+                meta_path.write_text(json.dumps({**meta, "config": cfg}, indent=2))
     model.info = {k: float(v) for k, v in meta.items() if isinstance(v, (int, float))}
     return model.to(device).eval()

@@ -165,6 +165,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="report")
 def main(cfg: DictConfig) -> None:
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the entry point's choice: one bar per file is noise
     exit_cleanly("harness.report", run, cfg)
 
 

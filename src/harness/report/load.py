@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,7 +101,6 @@ def load(client, experiments: list[str], filter_string: str | None = None, cache
     MLflow ``filter_string`` (e.g. ``tags.`choice.model` = 'vit_tiny_shapes'``), and their
     sensitivity summary runs (unfiltered). Each run's ``variant`` names the values its sweep
     varied beyond the option choices (see :func:`variants`)."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file is noise here
     exps = []
     for name in experiments:
         exp = client.get_experiment_by_name(name)
