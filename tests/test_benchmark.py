@@ -218,7 +218,8 @@ def test_sweep_benchmark_counts_what_each_run_computed(tmp_path, cache_dir, trai
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "harness.benchmark.sweep", f"output_dir={tmp_path}/bench",
                         f"hydra.run.dir={tmp_path}/hydra",
-                        f'sweep=["xai=random,saliency","prompt=paper,general_audience","dataset.n=2","paths.cache_dir={cache_dir}"]'],
+                        f'sweep=["xai=random,saliency","prompt=paper,general_audience","dataset.n=2","paths.cache_dir={cache_dir}"]',
+                        "repeats=1"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
@@ -226,3 +227,8 @@ def test_sweep_benchmark_counts_what_each_run_computed(tmp_path, cache_dir, trai
     # M=1 X=2 L=1 P=2 N=2: 2 predictions, 4 attributions, 8 answers; the second run computes nothing
     assert rows == {"predictions": ["2", "2", "0"], "attributions": ["4", "4", "0"], "answers": ["8", "8", "0"]}
     assert "run 2 0 new runs" in r.stdout and "ratio" in r.stdout
+    fixed = {line.split("  ")[0].strip(): line for line in r.stdout.splitlines()}
+    for row in ("fixed cost of a job, fresh process (wall - stage s)", "fixed cost per job inside the sweep (median)",
+                "re-run of the finished sweep / first run", 're-run / python -c "import torch, mlflow"'):
+        assert row in fixed, r.stdout
+    assert "3 jobs" in fixed["fixed cost per job inside the sweep (median)"]  # 4 runs: 3 gaps between job ends
