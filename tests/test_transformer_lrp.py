@@ -297,3 +297,18 @@ def test_backward_twice_is_refused():
     torch.autograd.grad(out, x, retain_graph=True)
     with pytest.raises(RuntimeError, match="ran already"):
         torch.autograd.grad(out, x)
+
+
+def test_kept_abs_weights_follow_in_place_weight_updates():
+    """|W| kept across calls is recomputed when a weight changes in place (version counter)."""
+    model = tiny_vit(torch.float64)
+    x, t = torch.rand(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 3])
+    lrp = TransformerLRP("attnlrp", "gamma")
+    before = lrp.explain(model, x, t)
+    assert len(lrp._abs_weights) > 0
+    with torch.no_grad():
+        model.net.blocks[0].mlp.fc1.weight.mul_(-1.5)
+    after = lrp.explain(model, x, t)
+    torch.testing.assert_close(after, TransformerLRP("attnlrp", "gamma").explain(model, x, t))
+    assert not torch.allclose(before, after)
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -23,6 +23,12 @@ With zero biases and ε = 0, CP-LRP conserves relevance exactly: the input relev
 the class token and position embedding, sums to the target logit. AttnLRP's softmax rule is not
 conservative by design (its linearisation has a bias term), nor is any rule with biases.
 
+Cost: the ε-rule is one gradient plus element-wise work. The γ-rule needs, per affine layer,
+the forward ``y``, one more product ``|x| |W|ᵀ`` for its denominator and two products in the
+backward (:func:`gamma_rule`), so about twice a gradient; ``|W|`` is computed once per
+weight and kept by the explainer across calls (:class:`AbsWeights`), backward products run
+only over rows that carry relevance, and CP-LRP's query and key rows get no rule at all.
+
 Patches are per module *instance* (an instance ``forward`` attribute, removed on exit, errors
 included); no torch or timm class is touched, so other methods in the same process see the
 original model.
