@@ -1,6 +1,7 @@
 """The fixed cost of a job: resume decided before heavy imports, each job composed once, a new
 store copied from a migrated template, patching methods that scope their patches run warm."""
 
+import json
 import subprocess
 import sys
 
@@ -28,13 +29,35 @@ def test_a_finished_sweep_runs_again_without_torch_or_a_second_run(tmp_path, cac
                            capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 finished, 4 skipped" in again.stdout
-    assert again.stderr.count("already finished as run") == 4
+    assert "sweep: 4 of 4 jobs already finished: skipped" in again.stderr  # left out before launch
+    assert "sweep: job" not in again.stderr and not (tmp_path / "s2" / "0").exists()  # nothing launched
+    skipped = json.loads((tmp_path / "s2" / "skipped_jobs.json").read_text())
+    assert sorted(s["finished_run"] for s in skipped) == sorted(r.info.run_id for r in MlflowClient(
+        f"sqlite:///{tmp_path}/m.db").search_runs([MlflowClient(f"sqlite:///{tmp_path}/m.db").get_experiment_by_name(
+            "harness").experiment_id]))
     imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" not in imported and "timm" not in imported and "harness.pipeline" not in imported
     assert (tmp_path / "s2" / "finished_configs.json").exists()
     runs = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(
         [MlflowClient(f"sqlite:///{tmp_path}/m.db").get_experiment_by_name("harness").experiment_id])
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+
+
+def test_a_job_the_index_does_not_know_finds_its_run_itself(tmp_path, cache_dir, trained_vit):
+    first = sweep(tmp_path, cache_dir, f"hydra.sweep.dir={tmp_path}/s1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (tmp_path / "s2").mkdir()
+    (tmp_path / "s2" / "finished_configs.json").write_text("{}")  # as if the store knew nothing yet
+    from harness.resume import finished_in_sweep, index_finished
+    from harness.tracking.mlflow_tracker import Tracker
+
+    index_finished(Tracker(f"sqlite:///{tmp_path}/m.db", "harness"), tmp_path / "s3")
+    assert len(json.loads((tmp_path / "s3" / "finished_configs.json").read_text())) == 4
+    cfg = make_cfg(["xai=random", "seed=0", "dataset.n=2", "metrics=[srg]", "~mllm", f"paths.cache_dir={cache_dir}",
+                    f"cache.dir={tmp_path}/stages", f"tracking.uri=sqlite:///{tmp_path}/m.db",
+                    f"tracking.artifact_location={tmp_path}/a"])
+    assert finished_in_sweep(cfg, tmp_path / "s3") is not None  # the job's own hash is the index's
+    assert finished_in_sweep(cfg, tmp_path / "s2") is None
 
 
 def test_the_sweeper_validates_one_job_per_value():

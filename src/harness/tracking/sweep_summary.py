@@ -88,13 +88,14 @@ class SweepSummary(Callback):
 
         sweep = Path(config.hydra.sweep.dir)
         jobs = [d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()] if sweep.is_dir() else []
-        skipped = sum((d / "skipped.json").exists() for d in jobs)
+        before_launch = json.loads((sweep / "skipped_jobs.json").read_text()) if (sweep / "skipped_jobs.json").exists() else []
+        skipped = sum((d / "skipped.json").exists() for d in jobs) + len(before_launch)
         tracker = instantiate(config.tracking)
         client = tracker.client()
         exp = client.get_experiment_by_name(tracker.experiment)
         runs = [] if exp is None else client.search_runs(
             [exp.experiment_id], filter_string=f"tags.sweep_id = '{config.hydra.sweep.dir}'", max_results=50000)
-        s = summarise(runs, len(jobs), skipped)
+        s = summarise(runs, len(jobs) + len(before_launch), skipped)
         print(format_summary(s))
         if sweep.is_dir():
             (sweep / "sweep_summary.json").write_text(json.dumps(s, indent=1))
