@@ -13,7 +13,14 @@ from harness.evaluation.stage import evaluate
 from harness.xai.stage import explain
 from harness.xai.base import methods_for
 
-METHODS = [m for m in methods_for("vit") if m != "random"]
+# Grad-CAM (on the 8x8 token grid of this 4-block ViT) and SmoothGrad beat random on some trainings
+# of the default model and not on others: trainings are bit-identical on one machine but differ
+# between CPUs, and the model trained here with 2 threads gave SRG gaps over random of -0.30 ± 0.16
+# (Grad-CAM) and 0.00 ± 0.13 (SmoothGrad) on 256 images, at this commit and at the one before the
+# job-engine work alike. The claim below is kept for the methods for which it held on every model
+# trained so far (on this and earlier CI machines).
+NOT_ON_EVERY_TRAINING = {"gradcam", "smoothgrad"}
+METHODS = [m for m in methods_for("vit") if m != "random" and m not in NOT_ON_EVERY_TRAINING]
 # Fewer perturbation samples than the defaults keep the suite fast; they still must beat random.
 FAST = {"lime": ["xai.num_samples=150"], "kernelshap": ["xai.n_samples=150"],
         "partition_shap": ["xai.max_evals=150"]}
