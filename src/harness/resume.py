@@ -10,19 +10,18 @@ concurrent sweep since) goes on to :func:`harness.pipeline.run`, which asks the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from harness.utils import to_plain
+from harness import utils
 
 INDEX = "finished_configs.json"
 
 
 def config_hash(cfg: Any) -> str:
-    """SHA-256 of the resolved config (key order does not matter)."""
-    return hashlib.sha256(json.dumps(to_plain(cfg), sort_keys=True, default=str).encode()).hexdigest()
+    """SHA-256 of the resolved config (key order does not matter), in full."""
+    return utils.config_hash(cfg, length=64)
 
 
 def finished_runs(tracker: Any) -> dict[str, str]:
