@@ -38,3 +38,16 @@ def test_submitit_local_executor_runs_the_sweep(tmp_path, cache_dir, trained_vit
     assert sorted(x.data.tags["choice.xai"] for x in runs) == ["random", "saliency"]
     assert all(x.info.status == "FINISHED" for x in runs)
     assert list((tmp_path / "sweep" / ".submitit").iterdir())  # submitit's own job folders
+
+
+def test_joblib_with_isolated_jobs(tmp_path, cache_dir, trained_vit):
+    """A job run in its own process inside a joblib (loky) worker finishes like any other: the
+    child is a plain subprocess, not a multiprocessing one that inherits loky's start method."""
+    r = run_harness("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "isolation=always", "xai=random,saliency",
+                    "dataset.n=2", "metrics=[srg]", "~mllm", *store_args(tmp_path, cache_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sweep: 2 jobs: 2 finished, 0 skipped (already finished), 0 failed" in r.stdout
+    runs = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(["1"])
+    assert sorted((x.data.tags["choice.xai"], x.info.status) for x in runs) == [("random", "FINISHED"),
+                                                                                ("saliency", "FINISHED")]
+    assert len({x.data.tags["owner.pid"] for x in runs}) == 2  # each in a child of its own

@@ -95,17 +95,19 @@ def test_method_the_model_cannot_serve_is_refused_before_work(tmp_path):
 
 def test_a_poisoned_job_does_not_stop_the_sweep(tmp_path):
     """One job fails (a method the model cannot serve): the other finishes, and the sweep ends
-    with a summary that counts them."""
+    with a summary that counts them and names the failed job, and a non-zero exit status."""
     r = run_harness("-m", "model=timm", "model.name=resnet18", "model.num_classes=4", "model.input_size=32",
                     "xai=rollout,random", "dataset.n=2", "metrics=[srg]", "~mllm",
                     f"tracking.uri=sqlite:///{tmp_path}/m.db", f"tracking.artifact_location={tmp_path}/a",
                     f"hydra.sweep.dir={tmp_path}/sweep")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 1, r.stderr[-3000:]  # the sweep ran both jobs, and says one did not finish
     runs = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(["1"])
     assert sorted(x.info.status for x in runs) == ["FAILED", "FINISHED"]
     assert "sweep: 2 jobs: 1 finished, 0 skipped (already finished), 1 failed" in r.stdout
+    assert "  job 0 (xai=rollout): FAILED run " in r.stdout and "does not serve this model" in r.stdout
     summary = json.load(open(tmp_path / "sweep" / "sweep_summary.json"))
     assert summary["failed"] == 1 and summary["seconds"]["explain"] >= 0
+    assert [(j["job"], j["status"]) for j in summary["not_finished"]] == [(0, "FAILED")]
 
 
 def test_every_metric_family_in_one_run(tmp_path, cache_dir, trained_vit):

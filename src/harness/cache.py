@@ -6,8 +6,11 @@ labels and ids, the model's weights (every tensor of its ``state_dict``) and res
 the explainer's resolved config and the seed. Any change misses; nothing else does. (The MLLM
 answers have their own content cache, :class:`harness.mllm.stage.AnswerCache`.) Entries are
 ``.npz`` files written to a temporary name and renamed, so a job killed mid-write (even with
-SIGKILL) leaves no half entry. The cache can live beside the tracking store, on a shared disk,
-so jobs on other machines reuse each other's work.
+SIGKILL) leaves no half entry; the temporary name names its owner, so what a killed job left is
+removed when a sweep starts (:mod:`harness.ownership`). Each entry carries the SHA-256 of its
+arrays: a damaged entry (truncated, emptied, a flipped bit) is reported, discarded and computed
+again. The cache can live beside the tracking store, on a shared disk, so jobs on other
+machines reuse each other's work.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from harness.ownership import temp_name
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,11 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()
 
 
+def checksum(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of named arrays (names, dtypes, shapes and bytes), the integrity check of an entry."""
+    return digest(*[x for name in sorted(arrays) for x in (name, np.asarray(arrays[name]))])
+
+
 def model_digest(model: torch.nn.Module) -> str:
     """Content hash of a model's weights and buffers (names, dtypes, shapes, values)."""
     h = hashlib.sha256()
@@ -59,12 +68,16 @@ def model_digest(model: torch.nn.Module) -> str:
 
 class StageCache:
     """``get``/``put`` of named arrays per stage and key under ``root/<stage>/<key[:2]>/<key>.npz``
-    (``root=None``: disabled, every lookup misses). Counts hits and misses per stage."""
+    (``root=None``: disabled, every lookup misses). Counts hits, misses and damaged entries
+    per stage."""
+
+    CHECKSUM = "__sha256__"
 
     def __init__(self, root: str | Path | None) -> None:
         self.root = None if root is None else Path(root)
         self.hits: Counter[str] = Counter()
         self.misses: Counter[str] = Counter()
+        self.damaged: Counter[str] = Counter()
 
     def _path(self, stage: str, key: str) -> Path:
         assert self.root is not None
@@ -76,12 +89,18 @@ class StageCache:
             try:
                 with np.load(path, allow_pickle=False) as z:
                     out = {k: z[k] for k in z.files}
+                stored = str(out.pop(self.CHECKSUM))
+                if stored != checksum(out):
+                    raise ValueError("its checksum does not match its contents")
                 self.hits[stage] += 1
                 return out
             except FileNotFoundError:
                 pass
-            except (OSError, ValueError) as e:
-                log.warning("cache entry %s is unreadable (%s): computing again", path, e)
+            except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, a missing checksum, ...: damaged
+                log.warning("cache entry %s is damaged (%s: %s): discarded, computing it again",
+                            path, type(e).__name__, e)
+                self.damaged[stage] += 1
+                path.unlink(missing_ok=True)
         self.misses[stage] += 1
         return None
 
@@ -90,13 +109,13 @@ class StageCache:
             return
         path = self._path(stage, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+        tmp = path.parent / temp_name(path.name)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays, **{self.CHECKSUM: np.array(checksum(arrays))})
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     def fetch(self, stage: str, key: str, compute: Any) -> dict[str, np.ndarray]:
@@ -109,7 +128,9 @@ class StageCache:
         return out
 
     def counts(self) -> dict[str, float]:
-        """``cache_hits_<stage>`` and ``cache_misses_<stage>`` for every stage looked up."""
+        """``cache_hits_<stage>`` and ``cache_misses_<stage>`` for every stage looked up, and
+        ``cache_damaged_<stage>`` where a damaged entry was discarded."""
         stages = sorted(set(self.hits) | set(self.misses))
         return {**{f"cache_hits_{s}": float(self.hits[s]) for s in stages},
-                **{f"cache_misses_{s}": float(self.misses[s]) for s in stages}}
+                **{f"cache_misses_{s}": float(self.misses[s]) for s in stages},
+                **{f"cache_damaged_{s}": float(n) for s, n in sorted(self.damaged.items())}}

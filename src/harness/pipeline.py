@@ -78,6 +78,11 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
         return {**done.data.metrics, "skipped": 1.0}
     # the job seeds the global RNGs (below) for itself only: the caller's states come back when it ends
     with rng_restored(), tracker.start_run(cfg.run_name, tags=_run_tags(cfg, context, config_hash)) as rec:
+        if cfg.get("resume", False) and (done_id := rec.claim(config_hash)) is not None:
+            log.info("job finished meanwhile as run %s (same resolved config): skipped", done_id)
+            rec.discard()  # this run did nothing: deleted, the claim protocol's loser
+            resume.mark_skipped(done_id, context["output_dir"])
+            return {"skipped": 1.0}
         rec.params(flatten(to_plain(cfg)))
         rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         seed_everything(cfg.seed)
@@ -101,8 +106,9 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
         per_image = {k: v for r in results.values() for k, v in r.scores.items()}
         info = {**score_info(c.metrics, results), **text_info}
         rec.tags({f"{k}.{score}": str(v).lower() for score, i in info.items() for k, v in i.items() if k != "metric"})
-        log_artifacts(rec, c.data, inputs.x, maps, inputs.labels, pred.preds, pred.targets, per_image, results, info,
-                      title=str(cfg.xai._target_).rsplit(".", 1)[-1], max_overlays=cfg.max_overlays)
+        with seconds("artifacts"):
+            log_artifacts(rec, c.data, inputs.x, maps, inputs.labels, pred.preds, pred.targets, per_image, results,
+                          info, title=str(cfg.xai._target_).rsplit(".", 1)[-1], max_overlays=cfg.max_overlays)
         summary = {
             "accuracy": float((pred.preds == inputs.labels).float().mean()),
             "n_images": float(len(c.data)),
@@ -123,15 +129,19 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
 
 
 class Seconds(dict):
-    """Wall seconds per stage: ``with seconds("explain"): ...`` adds the block's time."""
+    """Wall seconds per stage: ``with seconds("explain"): ...`` adds the block's time, and logs
+    the stage's start and end (progress in the job's log, whether or not output is a terminal)."""
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        log.info("stage %s ...", stage)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self[stage] = self.get(stage, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self[stage] = self.get(stage, 0.0) + dt
+            log.info("stage %s: %.2f s", stage, dt)
 
 
 def _run_tags(cfg: DictConfig, context: dict[str, Any], config_hash: str) -> dict[str, str]:

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from harness.mllm.base import MLLM, Answer, Record, Request
+from harness.ownership import temp_name
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class AnswerCache:
             return
         folder = self.dir / key[:2]
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
+        tmp = folder / temp_name(f"{key}.json")  # names its owner: a killed job's is removed later
+        with open(tmp, "w") as fh:
             json.dump([asdict(a) for a in answers], fh)
         os.replace(tmp, folder / f"{key}.json")
 

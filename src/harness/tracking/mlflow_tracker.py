@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -42,14 +43,22 @@ class Tracker:
             ``None`` leaves it to MLflow (a server uses its own artifact root).
         store_templates: a folder for empty, fully migrated SQLite stores, one per MLflow
             version (see :func:`create_sqlite_store`); ``None``: MLflow creates each new store.
+        heartbeat_s: seconds between a running job's heartbeats (tag ``heartbeat``).
+        stale_after_s: a RUNNING run of another host whose heartbeat is older than this counts
+            as dead (:mod:`harness.tracking.claims`); on the job's own host its process is
+            looked up instead.
     """
 
     def __init__(self, uri: str, experiment: str = "harness", artifact_location: str | None = None,
-                 store_templates: str | None = None) -> None:
+                 store_templates: str | None = None, heartbeat_s: float = 30.0, stale_after_s: float = 300.0) -> None:
+        if not 0 < heartbeat_s < stale_after_s:
+            raise ValueError(f"tracking: need 0 < heartbeat_s < stale_after_s, got {heartbeat_s} and {stale_after_s}")
         self.uri = uri
         self.experiment = experiment
         self.artifact_location = artifact_location
         self.store_templates = store_templates
+        self.heartbeat_s = heartbeat_s
+        self.stale_after_s = stale_after_s
         self._client = None
 
     def client(self):
@@ -84,12 +93,19 @@ class Tracker:
     @contextmanager
     def start_run(self, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator["RunLogger"]:
         """A run that ends FINISHED, or FAILED (with the error as a tag and artifact) when the
-        body raises; the run is closed in every case."""
+        body raises; the run is closed in every case. It names its process (tags ``owner.*``)
+        and refreshes its ``heartbeat`` tag while the body runs, so a sweep can tell when its
+        process has gone (:func:`harness.tracking.claims.reap`)."""
+        from harness.ownership import me
+
         client = self.client()
-        run = client.create_run(self.experiment_id(), run_name=run_name, tags=dict(tags or {}))
-        logger = RunLogger(client, run.info.run_id)
+        experiment_id = self.experiment_id()
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags={**dict(tags or {}), **me(), "heartbeat": f"{time.time():.0f}"})
+        logger = RunLogger(client, run.info.run_id, experiment_id, self.stale_after_s)
         try:
-            yield logger
+            with heartbeat(client, run.info.run_id, self.heartbeat_s):
+                yield logger
         except BaseException as e:
             try:
                 msg = f"{type(e).__name__}: {e}"
@@ -99,15 +115,54 @@ class Tracker:
                 client.set_terminated(run.info.run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
         else:
-            client.set_terminated(run.info.run_id, "FINISHED")
+            if logger.discarded:
+                client.set_terminated(run.info.run_id, "KILLED")
+                client.delete_run(run.info.run_id)
+            else:
+                client.set_terminated(run.info.run_id, "FINISHED")
+
+
+@contextmanager
+def heartbeat(client, run_id: str, every_s: float) -> Iterator[None]:
+    """Refresh the run's ``heartbeat`` tag (unix seconds) every ``every_s`` while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                client.set_tag(run_id, "heartbeat", f"{time.time():.0f}")
+            except Exception as e:  # noqa: BLE001 - a busy store: the next beat tries again
+                log.debug("heartbeat of run %s failed: %s", run_id, e)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id[:8]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 class RunLogger:
     """Logging calls for one run, batched where MLflow allows."""
 
-    def __init__(self, client, run_id: str) -> None:
+    def __init__(self, client, run_id: str, experiment_id: str = "", stale_after_s: float = 300.0) -> None:
         self.client = client
         self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.stale_after_s = stale_after_s
+        self.discarded = False
+
+    def claim(self, config_hash: str) -> str | None:
+        """Claim the configuration for this run (:func:`harness.tracking.claims.claim`): the id
+        of a run that finished it (then :meth:`discard` this one), or None (run it)."""
+        from harness.tracking.claims import claim
+
+        return claim(self.client, self.experiment_id, config_hash, self.run_id, self.stale_after_s)
+
+    def discard(self) -> None:
+        """This run did nothing (its configuration finished elsewhere): it is deleted at the end."""
+        self.discarded = True
 
     def params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
@@ -138,7 +193,9 @@ class RunLogger:
     @contextmanager
     def folder(self, artifact_path: str | None = None) -> Iterator[Path]:
         """A temporary folder whose contents are logged as artifacts when the block ends."""
-        with tempfile.TemporaryDirectory(prefix="harness-") as tmp:
+        from harness.ownership import temp_name
+
+        with tempfile.TemporaryDirectory(prefix=temp_name("harness-artifacts")) as tmp:
             yield Path(tmp)
             if any(Path(tmp).iterdir()):
                 self.client.log_artifacts(self.run_id, tmp, artifact_path)
@@ -146,22 +203,35 @@ class RunLogger:
 
 def create_sqlite_store(path: Path, templates: str | os.PathLike | None,
                         artifact_location: str | None = None) -> None:
-    """Create a missing SQLite store at ``path`` as a copy of an empty, migrated template.
+    """Create a missing SQLite store at ``path``, once, whatever runs concurrently.
 
     MLflow creates a new store by running its whole chain of schema migrations (about 2 CPU-s,
     several seconds on a loaded machine), and two processes doing it at once race ("duplicate
-    column name"). The template is made once per MLflow version under ``templates``; a new
-    store is then a copy, put in place with a hard link, which fails if the file appeared
-    meanwhile: store creation is atomic. The copy's default experiment gets
-    ``artifact_location/0``. ``templates=None`` or a link-less file system: MLflow creates it.
+    column name"). With ``templates``, an empty migrated template is made once per MLflow
+    version in that folder, and a new store is a copy of it, put in place with a hard link,
+    which fails if the file appeared meanwhile: store creation is atomic. Without (or on a file
+    system without hard links) the migrations run under an exclusive lock on ``<path>.lock``.
+    The new store's default experiment gets ``artifact_location/0``.
     """
     import sqlite3
     import uuid
     from importlib.metadata import version
 
+    from harness.ownership import temp_name
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or templates is None:
+    if path.exists():
         return
+    root = (Path(artifact_location).resolve().as_uri() if artifact_location and "://" not in artifact_location
+            else artifact_location or "./mlruns")
+
+    def migrate(db: Path) -> None:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(f"sqlite:///{db}", root).engine.dispose()
+
+    if templates is None:
+        return _locked_create(path, migrate)
     folder = Path(templates)
     folder.mkdir(parents=True, exist_ok=True)
     template = folder / f"mlflow-{version('mlflow')}.db"
@@ -173,16 +243,13 @@ def create_sqlite_store(path: Path, templates: str | os.PathLike | None,
         b.close()
 
     if not template.exists():
-        fresh = folder / f".{uuid.uuid4().hex}.db"
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        store = SqlAlchemyStore(f"sqlite:///{fresh}", str(folder / "unused-artifacts"))
-        store.engine.dispose()
-        tmp = folder / f".{uuid.uuid4().hex}.db"
+        fresh = folder / temp_name(f"{uuid.uuid4().hex}.db")
+        migrate(fresh)
+        tmp = folder / temp_name(f"{uuid.uuid4().hex}.db")
         copy(fresh, tmp)
         fresh.unlink()
         os.replace(tmp, template)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp = path.parent / temp_name(path.name)
     try:
         copy(template, tmp)
         if artifact_location and "://" not in artifact_location:
@@ -195,9 +262,27 @@ def create_sqlite_store(path: Path, templates: str | os.PathLike | None,
         except FileExistsError:
             pass  # another process created the store first: use theirs
         except OSError:
-            return  # no hard links here: MLflow creates the store
+            _locked_create(path, migrate)  # no hard links here
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _locked_create(path: Path, migrate: Any) -> None:
+    """``migrate`` a new store into a temporary file under an exclusive lock, then move it in place."""
+    import fcntl
+
+    from harness.ownership import temp_name
+
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            return
+        tmp = path.parent / temp_name(path.name)
+        try:
+            migrate(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def package_versions(names: tuple[str, ...] = (
@@ -228,8 +313,10 @@ def git_commit(path: str | os.PathLike) -> dict[str, str]:
 
 
 class PrepareStore(Callback):
-    """Hydra callback: create the tracking store and experiment once, before a sweep's jobs
-    start, and index the configs that already finished (:mod:`harness.resume`).
+    """Hydra callback: before a sweep's jobs start, create the tracking store and experiment
+    once, mark the runs whose process is gone KILLED and remove the temporary files killed jobs
+    left (:mod:`harness.tracking.claims`, :mod:`harness.ownership`), and index the configs that
+    already finished (:mod:`harness.resume`).
 
     Parallel launchers (joblib) start several jobs at once; two processes creating a fresh
     SQLite store race ("table already exists"), so the sweep's parent process does it first.
@@ -238,9 +325,15 @@ class PrepareStore(Callback):
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         from hydra.utils import instantiate
 
+        from harness.ownership import remove_stale_temps
         from harness.resume import index_finished
+        from harness.tracking.claims import reap
 
         tracker = instantiate(config.tracking)
-        tracker.experiment_id()
+        reap(tracker.client(), tracker.experiment_id(), tracker.stale_after_s)
+        store = Path(tracker.uri.removeprefix("sqlite:///")).parent if tracker.uri.startswith("sqlite:///") else None
+        answers = config.language.get("cache_dir")
+        remove_stale_temps(config.cache.get("dir"), answers and Path(answers) / "answers", tracker.store_templates)
+        remove_stale_temps(store, tempfile.gettempdir(), recursive=False)
         if config.get("resume", False):
             index_finished(tracker, config.hydra.sweep.dir)

@@ -1,4 +1,10 @@
-"""The end-of-sweep summary: jobs done, skipped and failed, cache hits and time per stage."""
+"""The end-of-sweep summary: jobs done, skipped and failed, cache hits and time per stage.
+
+Counted from the store: each launched job (a numbered folder of the sweep) is matched to its
+run by the tags ``sweep_id`` and ``hydra_job_num``. A job is done when its run FINISHED or it
+was skipped because its configuration had finished; every other job (its run FAILED, KILLED or
+still RUNNING, or no run at all) is named in the summary, and the sweep exits with status 1.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,49 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from hydra.experimental.callback import Callback
 
-STAGES = ("predict", "explain", "metrics", "language")
+STAGES = ("predict", "explain", "metrics", "language", "artifacts")
 
 
-def summarise(runs: list[Any], n_jobs: int, n_skipped: int) -> dict[str, Any]:
-    """Counts and sums over a sweep's MLflow runs."""
+def job_status(jobs: dict[int, list[str]], skipped: set[int], runs: list[Any]) -> list[dict[str, Any]]:
+    """Per launched job (``{number: overrides}``): its number, overrides, status (FINISHED,
+    SKIPPED, FAILED, KILLED, RUNNING or NO_RUN) and run id and error where there is one."""
+    latest: dict[int, Any] = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time or 0):
+        try:
+            latest[int(r.data.tags.get("hydra_job_num", ""))] = r
+        except ValueError:
+            continue
+    out = []
+    for num, overrides in sorted(jobs.items()):
+        run = latest.get(num)
+        status = "SKIPPED" if num in skipped else run.info.status if run is not None else "NO_RUN"
+        out.append({"job": num, "overrides": overrides, "status": status,
+                    **({"run_id": run.info.run_id} if run is not None and num not in skipped else {}),
+                    **({"error": run.data.tags["error"].splitlines()[0][:300]}
+                       if run is not None and "error" in run.data.tags else {})})
+    return out
+
+
+def summarise(runs: list[Any], jobs: list[dict[str, Any]], n_skipped_before_launch: int,
+              n_planned: int | None = None) -> dict[str, Any]:
+    """Counts per status over a sweep's jobs (:func:`job_status`), and sums over its runs."""
     status: dict[str, int] = {}
-    for r in runs:
-        status[r.info.status] = status.get(r.info.status, 0) + 1
-    out: dict[str, Any] = {"jobs": n_jobs, "finished": status.get("FINISHED", 0), "skipped": n_skipped,
-                           "failed": status.get("FAILED", 0), "killed_or_running": status.get("RUNNING", 0)
-                           + status.get("KILLED", 0)}
+    for j in jobs:
+        status[j["status"]] = status.get(j["status"], 0) + 1
+    n_jobs = len(jobs) + n_skipped_before_launch
+    out: dict[str, Any] = {"jobs": n_jobs, "finished": status.get("FINISHED", 0),
+                           "skipped": status.get("SKIPPED", 0) + n_skipped_before_launch,
+                           "failed": status.get("FAILED", 0),
+                           "killed_or_running": status.get("RUNNING", 0) + status.get("KILLED", 0),
+                           "no_run": status.get("NO_RUN", 0),
+                           "not_started": max(0, (n_planned or 0) - n_jobs),
+                           "not_finished": [j for j in jobs if j["status"] not in ("FINISHED", "SKIPPED")],
+                           "common_overrides": sorted(set.intersection(*(set(j["overrides"]) for j in jobs)))
+                           if len(jobs) > 1 else []}
     sums: dict[str, float] = {}
     for r in runs:
         for k, v in r.data.metrics.items():
@@ -31,7 +67,14 @@ def summarise(runs: list[Any], n_jobs: int, n_skipped: int) -> dict[str, Any]:
 
 def format_summary(s: dict[str, Any]) -> str:
     lines = [f"sweep: {s['jobs']} jobs: {s['finished']} finished, {s['skipped']} skipped (already finished), "
-             f"{s['failed']} failed" + (f", {s['killed_or_running']} killed or still running" if s["killed_or_running"] else "")]
+             f"{s['failed']} failed" + (f", {s['killed_or_running']} killed or still running" if s["killed_or_running"] else "")
+             + (f", {s['no_run']} without a run" if s["no_run"] else "")
+             + (f", {s['not_started']} never started" if s["not_started"] else "")]
+    shared = set.intersection(*(set(j["overrides"]) for j in s["not_finished"])) if len(s["not_finished"]) > 1 else set()
+    for j in s["not_finished"]:  # named by what sets it apart (the whole list for a lone job)
+        swept = [o for o in j["overrides"] if o not in shared and o not in s.get("common_overrides", ())]
+        lines.append(f"  job {j['job']} ({' '.join(swept)}): {j['status']}"
+                     + (f" run {j['run_id']}" if "run_id" in j else "") + (f": {j['error']}" if "error" in j else ""))
     if s["cache"]:
         lines.append("cache: " + ", ".join(f"{k.replace('cache_', '')} {v:g}" for k, v in s["cache"].items()))
     lines.append("seconds per stage (sum over jobs): " + ", ".join(f"{k} {v:.1f}" for k, v in s["seconds"].items()))
@@ -87,15 +130,27 @@ class SweepSummary(Callback):
         from hydra.utils import instantiate
 
         sweep = Path(config.hydra.sweep.dir)
-        jobs = [d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()] if sweep.is_dir() else []
+        folders = [d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()] if sweep.is_dir() else []
+        jobs = {int(d.name): _overrides(d) for d in folders}
         before_launch = json.loads((sweep / "skipped_jobs.json").read_text()) if (sweep / "skipped_jobs.json").exists() else []
-        skipped = sum((d / "skipped.json").exists() for d in jobs) + len(before_launch)
         tracker = instantiate(config.tracking)
         client = tracker.client()
         exp = client.get_experiment_by_name(tracker.experiment)
         runs = [] if exp is None else client.search_runs(
             [exp.experiment_id], filter_string=f"tags.sweep_id = '{config.hydra.sweep.dir}'", max_results=50000)
-        s = summarise(runs, len(jobs) + len(before_launch), skipped)
+        planned = json.loads((sweep / "sweep_jobs.json").read_text()).get("jobs") if (sweep / "sweep_jobs.json").exists() else None
+        status = job_status(jobs, {int(d.name) for d in folders if (d / "skipped.json").exists()}, runs)
+        s = summarise(runs, status, len(before_launch), planned and planned + len(before_launch))
         print(format_summary(s))
         if sweep.is_dir():
             (sweep / "sweep_summary.json").write_text(json.dumps(s, indent=1))
+        if s["not_finished"] or s["not_started"]:
+            raise SystemExit(1)  # the sweep ran every job; scripts and CI see that some did not finish
+
+
+def _overrides(job_dir: Path) -> list[str]:
+    """The job's overrides, from the ``.hydra/overrides.yaml`` Hydra writes as the job starts."""
+    try:
+        return [str(o) for o in (yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or [])]
+    except (OSError, yaml.YAMLError):
+        return []
