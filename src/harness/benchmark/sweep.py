@@ -118,7 +118,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     print(f"{'stage':<14}{'needed':>10}{'run 1':>10}{'run 2':>10}")
     for stage in need:
         print(f"{stage:<14}{need[stage]:>10g}{first[stage]:>10g}{second[stage]:>10g}")
-    print(f"jobs: run 1 {len(per_run[0])} runs, run 2 {len(per_run[1])} new runs")
+    print(f"jobs: run 1 {len(per_run[0])} runs ({len(per_run[0]) / walls[0] * 60:.1f} jobs per minute), "
+          f"run 2 {len(per_run[1])} new runs")
     print(f"wall: run 1 {walls[0]:.1f} s, run 2 {walls[1]:.1f} s, ratio {ratio:.3f} (goal <= {GOAL})")
     out = {"needed": need, "run1": first, "run2": second, "walls": walls, "cpus": cpus, "ratio": ratio}
     if not cfg.fixed_cost:
