@@ -41,4 +41,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from harness.choices import unknown_option
+
+    if (problem := unknown_option(sys.argv[1:], CONF_DIR, CONF_DIR.parent / "experiments")) is not None:
+        print(f"harness: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()
