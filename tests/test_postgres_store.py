@@ -145,6 +145,25 @@ def test_parallel_sweep_killed_and_rerun_has_each_config_finished_once(server, c
     assert sorted(x.data.tags["choice.xai"] for x in done) == sorted(KILL_METHODS)  # none lost, none twice
     assert len({x.data.tags["config_hash"] for x in done}) == len(KILL_METHODS)
     assert {x.info.run_id for x in done_before} <= {x.info.run_id for x in done}  # finished runs were kept
-    assert ended_otherwise(client) == []  # a killed run ends RUNNING or KILLED (reaped), never FAILED
+    assert ended_otherwise(client, ("FINISHED", "KILLED")) == []  # killed runs reaped KILLED, none left RUNNING
     assert server.sql("select count(*) from runs r join experiments e using (experiment_id) "
                       "where e.name = 'pg-kill' and r.status = 'FINISHED'") == [(len(KILL_METHODS),)]
+
+
+def test_four_concurrent_overlapping_sweeps_finish_each_config_once(server, cache_dir, trained_vit, tmp_path):
+    """Four sweeps started together into the server, over overlapping configurations: each
+    configuration is claimed by one run (the claim is an experiment name, atomic in PostgreSQL
+    too), the others wait for it, and every sweep ends with all its jobs done."""
+    overlaps = [["random", "saliency"], ["saliency", "ixg"], ["ixg", "random"], ["random", "saliency", "ixg"]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "harness", *sweep_args(server, tmp_path, cache_dir, "pg-4", m,
+                                                                          f"sweep{i}")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i, m in enumerate(overlaps)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [o[-2000:] for o in outs]
+    client = MlflowClient(server.url)
+    done = [x for x in runs_of(client, "pg-4") if x.info.status == "FINISHED"]
+    assert sorted(x.data.tags["choice.xai"] for x in done) == ["ixg", "random", "saliency"]
+    assert server.sql("select count(*) from runs r join experiments e using (experiment_id) "
+                      "where e.name = 'pg-4' and r.status = 'FINISHED' and r.lifecycle_stage = 'active'") == [(3,)]
