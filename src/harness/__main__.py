@@ -13,8 +13,18 @@ from harness.types import HarnessError
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from harness.validate import check
+
     hc = HydraConfig.get()
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
+    try:  # before any heavy import: a bad value is one line, and no run is recorded
+        check(cfg, list(hc.overrides.task), {g: str(o) for g, o in hc.runtime.choices.items() if o is not None},
+              CONF_DIR)
+    except HarnessError as e:
+        print(f"harness: error: {e}", file=sys.stderr)
+        if multirun:
+            return None  # the sweep's summary names the job (no run) and the sweep exits 1
+        sys.exit(1)
     if multirun and cfg.get("resume", False):  # before any heavy import (harness.resume)
         from harness.resume import finished_in_sweep, mark_skipped
 
@@ -41,9 +51,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from harness.choices import unknown_option
+    from harness.validate import first_job_problem, unknown_option
 
-    if (problem := unknown_option(sys.argv[1:], CONF_DIR, CONF_DIR.parent / "experiments")) is not None:
+    argv = sys.argv[1:]
+    if problem := (unknown_option(argv, CONF_DIR, CONF_DIR.parent / "experiments")
+                   or first_job_problem(argv, CONF_DIR)):
         print(f"harness: error: {problem}", file=sys.stderr)
         sys.exit(2)
     main()

@@ -15,6 +15,9 @@ class HarnessError(Exception):
     """
 
 
+TARGETS = ("label", "predicted")  # the class a job explains and scores: the true one or the predicted one
+
+
 def exit_cleanly(prog: str, fn: Any, *args: Any) -> Any:
     """``fn(*args)`` for a command-line entry point: a :class:`HarnessError` becomes
     ``<prog>: error: <message>`` on stderr and exit status 1, without a traceback."""

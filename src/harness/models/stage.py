@@ -10,10 +10,9 @@ import numpy as np
 import torch
 
 from harness.cache import StageCache, digest, model_digest
-from harness.types import HarnessError, ImageSet
+from harness.types import TARGETS, HarnessError, ImageSet
 
 log = logging.getLogger(__name__)
-TARGETS = ("label", "predicted")
 
 
 @dataclass

@@ -43,7 +43,33 @@ class HarnessSweeper(BasicSweeper):
     module docstring)."""
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        super().validate_batch_is_legal(covering_jobs(batch))
+        """Compose the covering jobs (Hydra's check) and check their values
+        (:func:`harness.validate.check`): a mistake stops the sweep before any job, in one line."""
+        from omegaconf import open_dict, read_write
+
+        from harness import CONF_DIR
+        from harness.types import HarnessError
+        from harness.validate import check
+
+        from hydra.core.hydra_config import HydraConfig
+
+        assert self.config is not None and self.hydra_context is not None
+        hc = HydraConfig.instance()
+        parent = hc.cfg
+        try:
+            for overrides in covering_jobs(batch):
+                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                choices = {g: str(o) for g, o in cfg.hydra.runtime.choices.items() if o is not None}
+                hc.set_config(cfg)  # the job's ${hydra:...} values resolve as in the job
+                with read_write(cfg), open_dict(cfg):
+                    del cfg["hydra"]
+                try:
+                    check(cfg, list(overrides), choices, CONF_DIR)
+                except HarnessError as e:
+                    print(f"harness: error: {e}", file=sys.stderr)
+                    raise SystemExit(1) from None
+        finally:
+            hc.cfg = parent
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
         batch = super().get_job_batch()
