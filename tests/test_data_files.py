@@ -38,3 +38,25 @@ def test_npz_channels_first_or_last_and_clear_errors(tmp_path):
         npz_images(str(tmp_path / "d.npz"), labels_key="y")
     with pytest.raises(HarnessError, match="not found"):
         npz_images(str(tmp_path / "missing.npz"))
+
+
+def test_an_oversized_image_is_skipped_before_decoding(tmp_path):
+    """A decompression bomb (here: an image above a small max_pixels) is skipped and reported."""
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "small.png")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a" / "big.png")
+    data = image_folder(str(tmp_path), max_pixels=100)
+    assert data.ids == ["a/small.png"]
+    assert data.skipped == [("a/big.png", "40x40 pixels, more than max_pixels=100 (a decompression bomb?)")]
+
+
+def test_a_checkpoint_with_code_is_refused_without_unsafe_advice(tmp_path):
+    import torch
+
+    from harness.models.builders import load_weights
+    from harness.types import HarnessError
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": Image.new("RGB", (1, 1))}, tmp_path / "pickled.pt")
+    with pytest.raises(HarnessError) as e:
+        load_weights(torch.nn.Linear(1, 1), tmp_path / "pickled.pt")
+    assert "weights_only=False" not in str(e.value) and "save the weights alone" in str(e.value)

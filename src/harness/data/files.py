@@ -44,6 +44,7 @@ def image_folder(
     classes_column: str | int = 0,
     label_regex: str | None = None,
     n: int | None = None,
+    max_pixels: int = 89_478_485,
 ) -> ImageSet:
     """Images under ``root`` with labels from sub-folders or from the file names.
 
@@ -55,6 +56,9 @@ def image_folder(
         label_regex: a regex whose first group is the integer class index in the file name
             (e.g. ``_(\\d+)\\.\\w+$``); ``None``: ``root/<class name>/<image>``.
         n: keep only the first ``n`` images (sorted by path).
+        max_pixels: an image with more pixels (width × height, read from its header before
+            decoding) is skipped as a possible decompression bomb; the default is Pillow's
+            own limit (``PIL.Image.MAX_IMAGE_PIXELS``), which Pillow only warns about.
 
     Images that cannot be decoded are skipped and listed in ``ImageSet.skipped``.
     """
@@ -88,8 +92,12 @@ def image_folder(
             label = int(m.group(1))
         try:
             with Image.open(f) as im:
+                if im.width * im.height > max_pixels:
+                    skipped.append((rel, f"{im.width}x{im.height} pixels, more than max_pixels={max_pixels} "
+                                         "(a decompression bomb?)"))
+                    continue
                 images.append(np.asarray(im.convert("RGB")))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             skipped.append((rel, f"unreadable image: {e}"))
             continue
         labels.append(label)

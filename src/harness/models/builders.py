@@ -37,7 +37,10 @@ def _load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             sd = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # corrupt file, pickle with code, TorchScript archive
-            raise HarnessError(f"cannot read checkpoint {p}: {e}") from None
+            raise HarnessError(
+                f"cannot read checkpoint {p} as tensors only ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                "The harness loads no checkpoint that can run code: save the weights alone "
+                "(torch.save(model.state_dict(), path), or safetensors) and point at that file") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
