@@ -1,6 +1,7 @@
 """``python -m harness``: the Hydra entry point; the job itself is :func:`harness.pipeline.run`."""
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -34,9 +35,15 @@ def main(cfg: DictConfig) -> None:
 
     from harness.isolation import run_isolated, wants_isolation
     from harness.pipeline import hydra_context, run
+    from harness.secrets import redact, redact_files, redacted_config
 
+    cfg, found = redacted_config(cfg)  # credentials out of the config, its params and Hydra's files
+    if found:
+        hydra_dir = Path(hc.runtime.output_dir) / ".hydra"
+        redact_files(found.values(), *(hydra_dir / f for f in ("config.yaml", "hydra.yaml", "overrides.yaml")),
+                     *([Path(hc.sweep.dir) / "multirun.yaml"] if multirun else []))
     try:
-        context = hydra_context()
+        context = redact(hydra_context(), found.values())
         run_isolated(cfg, context) if wants_isolation(cfg) else run(cfg, context)
     except HarnessError as e:
         print(f"harness: error: {e}", file=sys.stderr)  # the run itself records it as FAILED

@@ -73,6 +73,10 @@ def build_components(cfg: Any) -> Components:
     language = None if cfg.get("mllm") is None else Language(
         build(cfg.render), build(cfg.prompt), build(cfg.mllm),
         {name: build(m) for name, m in (cfg.get("text_metrics") or {}).items()})
+    if language is not None and cfg.get("privacy") is not None and cfg.privacy.enabled:
+        from harness.mllm.stage import check_privacy
+
+        check_privacy(language, list(cfg.privacy.allow_hosts))  # before any image is loaded
     data: ImageSet = build(cfg.dataset)
     if len(data) == 0:
         raise HarnessError("the dataset yielded no images" +

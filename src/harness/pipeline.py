@@ -18,8 +18,9 @@ from harness import resume
 from harness.cache import StageCache
 from harness.components import build, build_components
 from harness.evaluation.stage import aggregate, evaluate, score_info
-from harness.mllm.stage import language_stage
+from harness.mllm.stage import image_hosts, language_stage
 from harness.mllm.stage import summary as language_summary
+from harness.secrets import redacted_config
 from harness.models.stage import check_target, model_inputs, predictions
 from harness.tracking.artifacts import log_artifacts
 from harness.tracking.mlflow_tracker import flatten
@@ -33,6 +34,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def hydra_context() -> dict[str, Any]:
     """What a job needs from Hydra's runtime, as plain data (so a job can also run in a child
     process): run tags, the option chosen for each group, and the job's output folder."""
+    from harness.secrets import redact_overrides
+
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -45,7 +48,7 @@ def hydra_context() -> dict[str, Any]:
     return {
         "tags": {"sweep_id": hc.sweep.dir if multirun else hc.run.dir,
                  "hydra_job_num": str(hc.job.num) if multirun else "0",
-                 "hydra_overrides": " ".join(hc.overrides.task),
+                 "hydra_overrides": " ".join(redact_overrides(hc.overrides.task)),
                  **{f"choice.{group}": option for group, option in choices.items()}},
         "choices": choices,
         "output_dir": str(hc.runtime.output_dir),
@@ -68,6 +71,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
     :func:`hydra_context` (taken from Hydra's runtime when not given)."""
     context = hydra_context() if context is None else context
     t_start = time.perf_counter()
+    cfg, _ = redacted_config(cfg)  # credentials are neither used nor stored (harness.secrets)
     check_target(cfg.target)
     tracker = build(cfg.tracking)
     config_hash = resume.config_hash(cfg)
@@ -87,6 +91,9 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
         rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         seed_everything(cfg.seed)
         c = build_components(cfg)
+        private = bool(cfg.privacy.enabled)  # checked against the MLLM endpoints by build_components
+        if c.language is not None and (hosts := image_hosts(c.language)):
+            rec.tags({"images_sent_to": ",".join(sorted(set(hosts.values())))})
         cache, seconds = StageCache(cfg.cache.dir), Seconds()
         inputs = model_inputs(c.model, c.data)
         with seconds("predict"):
@@ -101,14 +108,15 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
         with seconds("language"):
             records, text_scores, text_info = ([], {}, {}) if c.language is None else language_stage(
                 c.language, c.data, inputs.x, maps, pred.preds, pred.logits, inputs.masks, rec,
-                n_images=cfg.language.n_images, cache_dir=cfg.language.cache_dir,
+                n_images=cfg.language.n_images, cache_dir=cfg.language.cache_dir, private=private,
                 **_prompt_names(cfg, context["choices"]))
         per_image = {k: v for r in results.values() for k, v in r.scores.items()}
         info = {**score_info(c.metrics, results), **text_info}
         rec.tags({f"{k}.{score}": str(v).lower() for score, i in info.items() for k, v in i.items() if k != "metric"})
         with seconds("artifacts"):
             log_artifacts(rec, c.data, inputs.x, maps, inputs.labels, pred.preds, pred.targets, per_image, results,
-                          info, title=str(cfg.xai._target_).rsplit(".", 1)[-1], max_overlays=cfg.max_overlays)
+                          info, title=str(cfg.xai._target_).rsplit(".", 1)[-1], max_overlays=cfg.max_overlays,
+                          private=private)
         summary = {
             "accuracy": float((pred.preds == inputs.labels).float().mean()),
             "n_images": float(len(c.data)),

@@ -23,6 +23,7 @@ import numpy as np
 
 from harness.mllm.base import MLLM, Answer, Record, Request
 from harness.ownership import temp_name
+from harness.types import HarnessError
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +128,46 @@ def summary(records: list[Record], json_answers: bool = False) -> dict[str, floa
     return out
 
 
+def image_hosts(language: Any) -> dict[str, str]:
+    """``{role: host}`` of the remote endpoints that receive images in the language stage: the
+    MLLM and any text metric that asks one (a judge). Local models send nothing anywhere."""
+    from urllib.parse import urlparse
+
+    askers = {"mllm": language.mllm, **{f"text_metrics.{k}": getattr(m, "mllm", None)
+                                        for k, m in language.text_metrics.items()}}
+    return {role: urlparse(url).hostname or url for role, m in askers.items()
+            if isinstance(m, MLLM) and (url := m.identity().get("base_url"))}
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_privacy(language: Any, allow_hosts: list[str]) -> None:
+    """With privacy on: refuse, before any work, to send images to a host that is neither
+    loopback nor in ``allow_hosts``."""
+    for role, host in image_hosts(language).items():
+        if not is_loopback(host) and host not in allow_hosts:
+            raise HarnessError(f"privacy.enabled: {role} would send images to {host}, which is not loopback; "
+                               f"allow it with privacy.allow_hosts=[{host}] or use a local endpoint")
+
+
 def language_stage(language: Any, data: Any, x: Any, maps: np.ndarray, preds: Any, logits: Any,
                    masks: np.ndarray | None, rec: Any, *, n_images: int | None, method: str, classifier: str,
-                   cache_dir: Any) -> tuple[list[Record], dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+                   cache_dir: Any, private: bool = False
+                   ) -> tuple[list[Record], dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Render the first ``n_images`` explanations (None: all) with ``language`` (a
     :class:`harness.components.Language`), ask the MLLM about each, score the answers, and log
-    the rendered images (``rendered/``) and the answers with their scores (table
-    ``answers.json``, ``answers.jsonl``). ``method`` and ``classifier`` are how the prompt names
-    them. Returns the records, the text scores (one value per record) and their metadata."""
+    the rendered images (``rendered/``; not with ``private``) and the answers with their scores
+    (table ``answers.json``, ``answers.jsonl``). ``method`` and ``classifier`` are how the prompt
+    names them. Returns the records, the text scores (one value per record) and their metadata."""
     import pandas as pd
     from PIL import Image
 
@@ -153,9 +186,11 @@ def language_stage(language: Any, data: Any, x: Any, maps: np.ndarray, preds: An
             system, user = language.prompt.render(label=name_of(p), true_label=name_of(int(data.labels[i])),
                                                   score=f"{score:.0f}", method=method, classifier=classifier)
             images = language.renderer(x[i].numpy().transpose(1, 2, 0), maps[i])
-            files.append([f"rendered/{i:05d}_{safe_name(data.ids[i])}_{j}.png" for j in range(len(images))])
+            files.append([] if private else
+                         [f"rendered/{i:05d}_{safe_name(data.ids[i])}_{j}.png" for j in range(len(images))])
             for img, f in zip(images, files[-1]):
-                img.save(tmp / Path(f).name)
+                if not private:
+                    img.save(tmp / Path(f).name)
             requests.append(Request(images, user, system, maps[i], name_of(p), score,
                                     None if masks is None else masks[i]))
     json_answers = language.prompt.response_format == "json"

@@ -25,7 +25,7 @@ def safe_name(image_id: str) -> str:
 def log_artifacts(rec: Any, data: ImageSet, x: torch.Tensor, maps: np.ndarray, labels: torch.Tensor,
                   preds: torch.Tensor, targets: torch.Tensor, per_image: dict[str, np.ndarray],
                   results: dict[str, MetricOutput], info: dict[str, dict[str, Any]],
-                  title: str, max_overlays: int | None) -> None:
+                  title: str, max_overlays: int | None, private: bool = False) -> None:
     import pandas as pd
 
     from harness.render.curves import plot_curves
@@ -53,14 +53,14 @@ def log_artifacts(rec: Any, data: ImageSet, x: torch.Tensor, maps: np.ndarray, l
     with rec.folder() as tmp:
         np.savez_compressed(tmp / "attributions.npz", attributions=maps, image_ids=np.array(data.ids),
                             labels=labels.numpy(), predictions=preds.numpy(), targets=targets.numpy(),
-                            inputs=(x.numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8),
-                            class_names=np.array(names))
+                            class_names=np.array(names),
+                            **({} if private else {"inputs": (x.numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)}))
         curves = {k: v for r in results.values() for k, v in r.curves.items()}
         curves.update({f"{name}_x": r.curve_x for name, r in results.items() if r.curve_x is not None})
         if curves:
             np.savez_compressed(tmp / "curves.npz", **curves)
             plot_curves(results, tmp / "curves.png", title=title)
-    limit = len(data) if max_overlays is None else min(len(data), int(max_overlays))
+    limit = 0 if private else len(data) if max_overlays is None else min(len(data), int(max_overlays))
     if limit:
         with rec.folder("overlays") as tmp:
             for i in range(limit):

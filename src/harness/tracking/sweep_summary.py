@@ -124,7 +124,10 @@ class SweepSummary(Callback):
             n = json.loads((Path(hc.sweep.dir) / "sweep_jobs.json").read_text()).get("jobs")
         except (ValueError, OSError):
             return
-        print(f"sweep: job {hc.job.num + 1} of {n or '?'} ({' '.join(hc.overrides.task)})", file=sys.stderr)
+        from harness.secrets import redact_overrides
+
+        print(f"sweep: job {hc.job.num + 1} of {n or '?'} ({' '.join(redact_overrides(hc.overrides.task))})",
+              file=sys.stderr)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from hydra.utils import instantiate

@@ -21,6 +21,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
@@ -41,6 +42,14 @@ def covering_jobs(batch: Sequence[Sequence[str]]) -> list[Sequence[str]]:
 class HarnessSweeper(BasicSweeper):
     """``BasicSweeper`` with validation by swept value and resume before launch (see the
     module docstring)."""
+
+    def sweep(self, arguments: list[str]) -> Any:
+        """The basic sweep, with credentials kept out of the launchers' log lines and the
+        sweep's ``multirun.yaml`` (:mod:`harness.secrets`)."""
+        from harness.secrets import redacted_logs
+
+        with redacted_logs():
+            return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         """Compose the covering jobs (Hydra's check) and check their values
@@ -72,9 +81,12 @@ class HarnessSweeper(BasicSweeper):
             hc.cfg = parent
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
+        from harness.secrets import override_secrets, redact_files
+
         batch = super().get_job_batch()
         assert self.config is not None and self.hydra_context is not None
         sweep = Path(self.config.hydra.sweep.dir)
+        redact_files(override_secrets(self.config.hydra.overrides.task), sweep / "multirun.yaml")
         try:
             index = json.loads((sweep / "finished_configs.json").read_text())
         except (OSError, ValueError):
