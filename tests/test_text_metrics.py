@@ -2,6 +2,7 @@
 
 import json
 
+import nltk
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,10 +14,12 @@ from harness.text.base import Context
 from harness.text.consistency import Consistency, Embedder
 from harness.text.grounding import Grounding, mentioned_regions
 from harness.text.judge import Judge, mask_label
-from harness.text.readability import Readability, syllables
+from harness.text.readability import Readability
 from harness.text.sensitivity import sensitivity
 from harness.types import HarnessError
 from test_openai_compatible import Server
+from textstat.backend.utils import get_cmudict
+from textstat.textstat import textstatistics
 
 
 def rec(text, image_id="img0", sample=0):
@@ -32,18 +35,74 @@ def upper_left_map():
 CTX = {"img0": Context("cat", ["cat", "dog", "car"], upper_left_map())}
 
 
+# Reference texts. Published values: Wikipedia, "Flesch-Kincaid readability tests" (highest reading ease
+# 121.22 and lowest grade -3.40, for one-word sentences of one syllable); textstat's own tests
+# (tests/backend/resources.py and tests/backend/metrics/: SHORT_TEXT and EASY_TEXT).
+ONE_SYLLABLE = "Go."
+CAT = "The cat sat on the mat."
+SHORT = "Cool dogs wear da sunglasses."
+EASY = ("Anna and her family love doing puzzles. Anna is best at little puzzles. Anna and her brother work on "
+        "medium size puzzles together. Anna's Brother likes puzzles with cars in them. When the whole family does "
+        "a puzzle, they do really big puzzles. It can take them a week to finish a really big puzzle. Last year "
+        "they did a puzzle with 500 pieces! Anna tries to finish one small puzzle a day by her. Her puzzles have "
+        "about 50 pieces. They all glue their favorite puzzles together and frame them. The puzzles look so nice "
+        "on the wall.")
+JARGON = ("The convolutional classifier backpropagates gradients through activation layers, yielding attribution "
+          "heatmaps of superpixel relevance.")
+ANSWERS = [CAT, SHORT, EASY, JARGON, "It might be a dog. The map seems to highlight the fur near the centre, which "
+           "could possibly mean that the network relied on texture rather than shape. Perhaps the background "
+           "also played a small role."]
+
+
 def test_readability_known_answers():
     r = Readability()
-    plain = r.scores("The cat sat on the mat.")
-    assert plain["flesch_reading_ease"] == pytest.approx(206.835 - 1.015 * 6 - 84.6 * 1)
-    assert plain["flesch_kincaid_grade"] == pytest.approx(0.39 * 6 + 11.8 - 15.59)
-    jargon = r.scores("The convolutional classifier backpropagates gradients through activation layers, "
-                      "yielding attribution heatmaps of superpixel relevance.")
+    top = r.scores(ONE_SYLLABLE)
+    assert top["flesch_reading_ease"] == pytest.approx(121.22) and top["flesch_kincaid_grade"] == pytest.approx(-3.40)
+    short = r.scores(SHORT)
+    assert round(short["flesch_reading_ease"], 3) == 83.32 and round(short["flesch_kincaid_grade"], 3) == 2.88
+    easy = r.scores(EASY)
+    assert round(easy["sentence_words"], 3) == 9.0 and round(easy["word_chars"], 3) == 4.222
+    # textstat's test gives 78.918 with CMUdict (139 syllables); pyphen counts 136, 2.6 points easier
+    assert easy["flesch_reading_ease"] == pytest.approx(81.482, abs=1e-3)
+    plain = r.scores(CAT)
+    assert plain["flesch_reading_ease"] > 90 and plain["flesch_kincaid_grade"] < 1  # very easy
+    jargon = r.scores(JARGON)
     assert jargon["flesch_reading_ease"] < plain["flesch_reading_ease"] - 50
     assert jargon["technical_share"] > 0.5 and plain["technical_share"] == 0
     assert r.scores("It might possibly be a cat.")["hedging_share"] == pytest.approx(2 / 6)
-    assert [syllables(w) for w in ("cat", "table", "beautiful", "make")] == [1, 2, 3, 1]
     assert np.isnan(r([rec("")], CTX)["flesch_reading_ease"][0])
+    assert np.isnan(r([rec("42.")], CTX)["sentence_words"][0])
+
+
+def test_readability_is_textstat():
+    ts = textstatistics()
+    ts.set_lang("en-US")
+    r = Readability()
+    for text in ANSWERS:
+        s = r.scores(text)
+        assert s["flesch_reading_ease"] == ts.flesch_reading_ease(text)
+        assert s["flesch_kincaid_grade"] == ts.flesch_kincaid_grade(text)
+        assert s["sentence_words"] == ts.words_per_sentence(text)
+        assert s["word_chars"] == ts.avg_letter_per_word(text)
+        wps, spw = ts.lexicon_count(text) / ts.sentence_count(text), ts.syllable_count(text) / ts.lexicon_count(text)
+        assert s["flesch_reading_ease"] == pytest.approx(206.835 - 1.015 * wps - 84.6 * spw)
+        assert s["flesch_kincaid_grade"] == pytest.approx(0.39 * wps + 11.8 * spw - 15.59)
+    assert [ts.syllable_count(w) for w in ("cat", "table", "beautiful", "classifier")] == [1, 2, 3, 4]
+
+
+def test_readability_needs_no_corpus(monkeypatch):
+    """No CMUdict, no download: the scores come from pyphen's dictionaries in the package."""
+    def missing(*args, **kwargs):
+        raise LookupError("no nltk data here")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("readability tried to download an nltk corpus")
+
+    monkeypatch.setattr(nltk.data, "find", missing)
+    monkeypatch.setattr(nltk, "download", no_download)
+    get_cmudict.cache_clear()
+    s = Readability().scores("A text no other test scores, so nothing comes from a cache: the cat sat on the mat.")
+    assert 80 < s["flesch_reading_ease"] < 121.22
 
 
 def test_grounding_known_answers():

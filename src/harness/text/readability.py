@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 import numpy as np
+from textstat.textstat import textstatistics
 
 from harness.mllm.base import Record
 from harness.text.base import Context, TextMetric, words
@@ -23,38 +23,30 @@ HEDGES = frozenset("""
 may might could possibly perhaps probably likely unlikely seems seem seemed appears appear appeared suggests
 suggest suggesting presumably apparently maybe somewhat
 """.split())
-SENTENCE = re.compile(r"[^.!?]+[.!?]*")
 
-
-def syllables(word: str) -> int:
-    """Syllables of an English word by vowel groups, with a silent final ``e`` (a heuristic:
-    right for most common words, as the readability formulas need)."""
-    w = re.sub(r"[^a-z]", "", word.lower())
-    if not w:
-        return 0
-    groups = len(re.findall(r"[aeiouy]+", w))
-    if w.endswith("e") and not w.endswith(("le", "ee", "ye")) and groups > 1:
-        groups -= 1
-    return max(1, groups)
-
-
-def sentences(text: str) -> list[str]:
-    return [s for s in (m.group(0).strip() for m in SENTENCE.finditer(text)) if words(s)]
+# textstat with its English formulas and pyphen's en_US hyphenation dictionary for syllables. The tag is
+# "en-US", not "en_US": for "en"/"en_US" textstat (0.7.10 and later) looks words up in nltk's CMUdict first
+# and downloads that corpus when it is missing; under any other tag it keeps the English constants and counts
+# syllables with pyphen alone, so scores need no download and are the same on every machine.
+TEXTSTAT = textstatistics()
+TEXTSTAT.set_lang("en-US")
 
 
 class Readability(TextMetric):
-    """Readability for a general audience, per answer.
+    """Readability for a general audience, per answer, computed by ``textstat``:
 
     - ``flesch_reading_ease`` = 206.835 - 1.015 (words/sentence) - 84.6 (syllables/word)
       (Flesch 1948; higher is easier: 60-70 plain English, below 30 academic prose);
     - ``flesch_kincaid_grade`` = 0.39 (words/sentence) + 11.8 (syllables/word) - 15.59
       (Kincaid et al. 1975; US school grade, lower is easier);
-    - ``sentence_words`` (mean words per sentence) and ``word_chars`` (mean letters per word);
+    - ``sentence_words`` (mean words per sentence; textstat does not count sentences of one or two
+      words) and ``word_chars`` (mean letters per word);
     - ``technical_share``: share of words from a list of ML/XAI jargon (``TECHNICAL``);
     - ``hedging_share``: share of hedging words (may, might, likely, seems ...).
 
-    Syllables are counted by vowel groups (:func:`syllables`), so scores can differ by a few
-    points from tools with a pronunciation dictionary. An empty answer scores NaN.
+    Syllables are pyphen's hyphenation points plus one, which undercounts some words (area, idea,
+    over: one syllable), so scores run a few points easier than with a pronunciation dictionary.
+    An answer without words scores NaN.
 
     References:
         Flesch, "A new readability yardstick", J. Applied Psychology 32(3), 1948.
@@ -71,11 +63,10 @@ class Readability(TextMetric):
         ws = words(text)
         if not ws:
             return dict.fromkeys(self.directions, float("nan"))
-        n_sent = max(1, len(sentences(text)))
-        wps, spw = len(ws) / n_sent, sum(map(syllables, ws)) / len(ws)
-        return {"flesch_reading_ease": 206.835 - 1.015 * wps - 84.6 * spw,
-                "flesch_kincaid_grade": 0.39 * wps + 11.8 * spw - 15.59,
-                "sentence_words": wps, "word_chars": float(np.mean([len(w) for w in ws])),
+        return {"flesch_reading_ease": TEXTSTAT.flesch_reading_ease(text),
+                "flesch_kincaid_grade": TEXTSTAT.flesch_kincaid_grade(text),
+                "sentence_words": TEXTSTAT.words_per_sentence(text),
+                "word_chars": TEXTSTAT.avg_letter_per_word(text),
                 "technical_share": sum(w in TECHNICAL for w in ws) / len(ws),
                 "hedging_share": sum(w in HEDGES for w in ws) / len(ws)}
 
