@@ -1,8 +1,9 @@
 """Text metrics on texts whose answer is known, and the XAI-sensitivity statistic."""
 
 import json
+import subprocess
+import sys
 
-import nltk
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,7 +19,6 @@ from harness.text.readability import Readability
 from harness.text.sensitivity import sensitivity
 from harness.types import HarnessError
 from test_openai_compatible import Server
-from textstat.backend.utils import get_cmudict
 from textstat.textstat import textstatistics
 
 
@@ -36,9 +36,10 @@ CTX = {"img0": Context("cat", ["cat", "dog", "car"], upper_left_map())}
 
 
 # Reference texts. Published values: Wikipedia, "Flesch-Kincaid readability tests" (highest reading ease
-# 121.22 and lowest grade -3.40, for one-word sentences of one syllable); textstat's own tests
-# (tests/backend/resources.py and tests/backend/metrics/: SHORT_TEXT and EASY_TEXT).
+# 121.22 and lowest grade -3.40, for one-word sentences of one syllable; the platypus sentence: reading
+# ease 37.5, grade 11.3); textstat's own tests (SHORT_TEXT and EASY_TEXT: 83.32 / 2.88 and 78.918).
 ONE_SYLLABLE = "Go."
+PLATYPUS = "The Australian platypus is seemingly a hybrid of a mammal and reptilian creature."
 CAT = "The cat sat on the mat."
 SHORT = "Cool dogs wear da sunglasses."
 EASY = ("Anna and her family love doing puzzles. Anna is best at little puzzles. Anna and her brother work on "
@@ -62,8 +63,10 @@ def test_readability_known_answers():
     assert round(short["flesch_reading_ease"], 3) == 83.32 and round(short["flesch_kincaid_grade"], 3) == 2.88
     easy = r.scores(EASY)
     assert round(easy["sentence_words"], 3) == 9.0 and round(easy["word_chars"], 3) == 4.222
-    # textstat's test gives 78.918 with CMUdict (139 syllables); pyphen counts 136, 2.6 points easier
-    assert easy["flesch_reading_ease"] == pytest.approx(81.482, abs=1e-3)
+    assert easy["flesch_reading_ease"] == pytest.approx(78.918, abs=1e-3)
+    platypus = r.scores(PLATYPUS)
+    assert platypus["flesch_reading_ease"] == pytest.approx(37.5, abs=0.05)
+    assert platypus["flesch_kincaid_grade"] == pytest.approx(11.3, abs=0.05)
     plain = r.scores(CAT)
     assert plain["flesch_reading_ease"] > 90 and plain["flesch_kincaid_grade"] < 1  # very easy
     jargon = r.scores(JARGON)
@@ -76,7 +79,7 @@ def test_readability_known_answers():
 
 def test_readability_is_textstat():
     ts = textstatistics()
-    ts.set_lang("en-US")
+    ts.set_lang("en_US")
     r = Readability()
     for text in ANSWERS:
         s = r.scores(text)
@@ -90,19 +93,15 @@ def test_readability_is_textstat():
     assert [ts.syllable_count(w) for w in ("cat", "table", "beautiful", "classifier")] == [1, 2, 3, 4]
 
 
-def test_readability_needs_no_corpus(monkeypatch):
-    """No CMUdict, no download: the scores come from pyphen's dictionaries in the package."""
-    def missing(*args, **kwargs):
-        raise LookupError("no nltk data here")
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("readability tried to download an nltk corpus")
-
-    monkeypatch.setattr(nltk.data, "find", missing)
-    monkeypatch.setattr(nltk, "download", no_download)
-    get_cmudict.cache_clear()
-    s = Readability().scores("A text no other test scores, so nothing comes from a cache: the cat sat on the mat.")
-    assert 80 < s["flesch_reading_ease"] < 121.22
+def test_readability_needs_no_network():
+    """The pronouncing dictionary ships with the package: scoring opens no connection."""
+    code = ("import socket\n"
+            "def refuse(*a, **k): raise AssertionError('readability opened a connection')\n"
+            "socket.socket.connect = refuse\n"
+            "from harness.text.readability import Readability\n"
+            "print(Readability().scores('Nothing here was scored before: the platypus sat on the mat.'))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "flesch_reading_ease" in r.stdout, r.stderr[-2000:]
 
 
 def test_grounding_known_answers():

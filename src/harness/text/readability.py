@@ -24,12 +24,11 @@ may might could possibly perhaps probably likely unlikely seems seem seemed appe
 suggest suggesting presumably apparently maybe somewhat
 """.split())
 
-# textstat with its English formulas and pyphen's en_US hyphenation dictionary for syllables. The tag is
-# "en-US", not "en_US": for "en"/"en_US" textstat (0.7.10 and later) looks words up in nltk's CMUdict first
-# and downloads that corpus when it is missing; under any other tag it keeps the English constants and counts
-# syllables with pyphen alone, so scores need no download and are the same on every machine.
+# textstat with its English settings: syllables from the CMU pronouncing dictionary (the cmudict package,
+# bundled data), pyphen's en_US hyphenation for words it lacks. textstat is pinned below 0.7.9: later
+# releases look CMUdict up through nltk and download the corpus at run time, which fails offline.
 TEXTSTAT = textstatistics()
-TEXTSTAT.set_lang("en-US")
+TEXTSTAT.set_lang("en_US")
 
 
 class Readability(TextMetric):
@@ -44,8 +43,7 @@ class Readability(TextMetric):
     - ``technical_share``: share of words from a list of ML/XAI jargon (``TECHNICAL``);
     - ``hedging_share``: share of hedging words (may, might, likely, seems ...).
 
-    Syllables are pyphen's hyphenation points plus one, which undercounts some words (area, idea,
-    over: one syllable), so scores run a few points easier than with a pronunciation dictionary.
+    Syllables come from the CMU pronouncing dictionary (pyphen's hyphenation for words it lacks).
     An answer without words scores NaN.
 
     References:
