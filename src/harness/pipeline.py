@@ -98,6 +98,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
         inputs = model_inputs(c.model, c.data)
         with seconds("predict"):
             pred = predictions(c.model, c.data, inputs, cache, cfg.target)
+        rec.tags({"model_digest": pred.model_digest})  # which weights, exactly: compare runs and checkpoints
         with seconds("explain"):
             maps = attributions(c.explainer, c.model, inputs.x, pred.targets, cache, predictions_key=pred.key,
                                 config=to_plain(cfg.xai), seed=cfg.seed, batch_size=int(cfg.batch_size))
@@ -132,8 +133,19 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
             "wall_seconds": time.perf_counter() - t_start,
         }
         rec.metrics(summary)
-        log.info("run %s: %s", rec.run_id, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+        log.info("%s", headline(rec.run_id, tracker, summary, per_image, info))
     return summary
+
+
+def headline(run_id: str, tracker: Any, summary: dict[str, float], per_image: dict[str, Any],
+             info: dict[str, dict[str, Any]]) -> str:
+    """What a person reads at the end of a job: where the run is, accuracy, and each score as
+    mean ± standard error with its direction."""
+    scores = [f"{k} {summary[k]:.3g} ± {summary.get(f'{k}_sem', 0.0):.2g}"
+              + ("" if k not in info else " (higher is better)" if info[k]["higher_is_better"] else " (lower is better)")
+              for k in per_image if k in summary]
+    return (f"run {run_id} in experiment {tracker.experiment!r} at {tracker.uri}: accuracy {summary['accuracy']:.3g} "
+            f"on {summary['n_images']:g} images, {summary['wall_seconds']:.1f} s" + ("; " if scores else "") + "; ".join(scores))
 
 
 class Seconds(dict):

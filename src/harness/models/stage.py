@@ -27,13 +27,14 @@ class Inputs:
 
 @dataclass
 class Predictions:
-    """Logits, predicted classes, the class each image is explained for, and the cache key
-    later stages derive theirs from."""
+    """Logits, predicted classes, the class each image is explained for, the cache key later
+    stages derive theirs from, and the SHA-256 of the model's weights and buffers."""
 
     logits: torch.Tensor
     preds: torch.Tensor
     targets: torch.Tensor
     key: str
+    model_digest: str = ""
 
 
 def check_target(target: str) -> str:
@@ -52,9 +53,10 @@ def predictions(model: torch.nn.Module, data: ImageSet, inputs: Inputs, cache: S
     """Logits of every image (from the cache where present) and the explained classes:
     the true labels (``target=label``) or the model's decisions (``predicted``)."""
     device = str(getattr(model, "mean", torch.zeros(0)).device.type)
-    key = digest("predictions", inputs.x, inputs.labels.numpy(), list(data.ids), model_digest(model), device)
+    weights = model_digest(model)
+    key = digest("predictions", inputs.x, inputs.labels.numpy(), list(data.ids), weights, device)
     logits = torch.from_numpy(cache.fetch("predictions", key, lambda: {"logits": model.predict(inputs.x).numpy()})["logits"])
     if logits.shape[1] != len(data.class_names):
         log.warning("model has %d outputs but the dataset names %d classes", logits.shape[1], len(data.class_names))
     preds = logits.argmax(1)
-    return Predictions(logits, preds, inputs.labels if check_target(target) == "label" else preds, key)
+    return Predictions(logits, preds, inputs.labels if check_target(target) == "label" else preds, key, weights)
