@@ -66,7 +66,8 @@ class MetricOutput:
     """What an evaluation metric returns for a batch of images.
 
     ``scores`` maps score names to per-image arrays ``[N]`` (NaN where undefined); ``curves``
-    maps curve names to per-image arrays ``[N, K]`` sampled at ``curve_x`` (``[K]``).
+    maps curve names to per-image arrays ``[N, K]`` sampled at ``curve_x`` (``[K]``), and
+    ``curve_y`` says what the curves measure (an axis label).
     ``higher_is_better`` names the scores whose direction differs from the metric class's
     ``higher_is_better``; ``errors`` lists ``(image index, reason)`` for images scored NaN
     because the metric failed on them.
@@ -75,5 +76,6 @@ class MetricOutput:
     scores: dict[str, np.ndarray]
     curves: dict[str, np.ndarray] = field(default_factory=dict)
     curve_x: np.ndarray | None = None
+    curve_y: str = ""
     higher_is_better: dict[str, bool] = field(default_factory=dict)
     errors: list[tuple[int, str]] = field(default_factory=list)

@@ -84,6 +84,7 @@ class _Removal(Metric):
             raise HarnessError(f"metrics.{self.name}.patch_size must be >= 1, got {patch_size}")
         self.replacement = check_fill(replacement, f"metrics.{self.name}.replacement")
         self.output = check_output(output, f"metrics.{self.name}")
+        self.curve_y = "target-class probability" if self.output == "softmax" else "target-class logit"
         self.batch_size = int(batch_size)
 
     def _removed(self, n_patches: int) -> np.ndarray:
@@ -181,7 +182,7 @@ class SRG(_Removal):
         n = self.name
         return MetricOutput(
             scores={n: lerf_auc - morf_auc, f"{n}_morf_auc": morf_auc, f"{n}_lerf_auc": lerf_auc},
-            curves={f"{n}_{o}": c for o, c in curves.items()}, curve_x=frac,
+            curves={f"{n}_{o}": c for o, c in curves.items()}, curve_x=frac, curve_y=self.curve_y,
             higher_is_better={f"{n}_morf_auc": False, f"{n}_lerf_auc": True})
 
 
@@ -224,7 +225,7 @@ class PixelFlipping(_Removal):
                  targets: torch.Tensor, masks: np.ndarray | None = None) -> MetricOutput:
         curves, frac = self.curves(model, x, torch.as_tensor(np.asarray(attributions)), targets)
         return MetricOutput(scores={self.name: np.trapezoid(curves["morf"], frac, axis=1)},
-                            curves={f"{self.name}_morf": curves["morf"]}, curve_x=frac)
+                            curves={f"{self.name}_morf": curves["morf"]}, curve_x=frac, curve_y=self.curve_y)
 
 
 class RegionPerturbation(_Removal):
@@ -269,4 +270,4 @@ class RegionPerturbation(_Removal):
         curves, frac = self.curves(model, x, torch.as_tensor(np.asarray(attributions)), targets)
         scores = {f"{self.name}_{o}_aopc": (c[:, :1] - c).mean(1) for o, c in curves.items()}
         return MetricOutput(scores=scores, curves={f"{self.name}_{o}": c for o, c in curves.items()},
-                            curve_x=frac, higher_is_better={f"{self.name}_lerf_aopc": False})
+                            curve_x=frac, curve_y=self.curve_y, higher_is_better={f"{self.name}_lerf_aopc": False})

@@ -315,4 +315,5 @@ class ROAD(Metric):
         return MetricOutput(
             scores={f"{self.name}_{o}": c.mean(1) for o, c in correct.items()},
             curves={f"{self.name}_{o}": c for o, c in correct.items()}, curve_x=self.percentages / 100,
+            curve_y="share still classified as the target",
             higher_is_better={f"{self.name}_lerf": True})

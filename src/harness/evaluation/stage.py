@@ -53,7 +53,7 @@ def _score_one_by_one(metric: Metric, model: torch.nn.Module, x: torch.Tensor, m
     return MetricOutput(
         scores={k: np.array([p.scores[k][0] if p else np.nan for p in parts]) for k in ref.scores},
         curves={k: np.stack([p.curves[k][0] if p else nan_row(v) for p in parts]) for k, v in ref.curves.items()},
-        curve_x=ref.curve_x, higher_is_better=ref.higher_is_better,
+        curve_x=ref.curve_x, curve_y=ref.curve_y, higher_is_better=ref.higher_is_better,
         errors=errors + [(i, e) for i, p in enumerate(parts) if p for _, e in p.errors])
 
 

@@ -27,7 +27,8 @@ def plot_curves(results: dict[str, MetricOutput], path: str | Path, title: str =
             sem = curves[ok].std(0, ddof=1) / np.sqrt(ok.sum()) if ok.sum() > 1 else np.zeros_like(mean)
             ax.plot(r.curve_x, mean, label=label)
             ax.fill_between(r.curve_x, mean - sem, mean + sem, alpha=0.25)
-        ax.set(title=name, xlabel="share of input removed", ylabel="mean ± sem over images")
+        ax.set(title=name, xlabel="share of input removed (most / least relevant first)",
+               ylabel=f"{r.curve_y or 'score'} (mean ± sem over images)")
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
