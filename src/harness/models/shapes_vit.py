@@ -73,6 +73,7 @@ def _train(model: Classifier, cfg: dict[str, Any]) -> dict[str, float]:
         # Fresh images every epoch: the generator is cheap and the model never overfits.
         x, y = _data(cfg["train_data"], cfg["n_train"], "train", seed_offset=epoch)
         model.train()
+        loss_sum, correct = 0.0, 0
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), cfg["batch_size"]):
             idx = perm[i : i + cfg["batch_size"]]
@@ -80,13 +81,19 @@ def _train(model: Classifier, cfg: dict[str, Any]) -> dict[str, float]:
             if cfg.get("flip", True):  # shapes are symmetric under flips: free augmentation
                 flip = torch.rand(len(xb), generator=gen) < 0.5
                 xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(3), xb)
-            loss = torch.nn.functional.cross_entropy(model(xb), yb, label_smoothing=cfg["label_smoothing"])
+            logits = model(xb)
+            loss = torch.nn.functional.cross_entropy(logits, yb, label_smoothing=cfg["label_smoothing"])
+            loss_sum += loss.item() * len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+        elapsed = time.perf_counter() - t0  # a line per epoch reaches the job's log, terminal or not
+        log.info("training epoch %d/%d: loss %.3f, training accuracy %.3f, %.0f s, about %.0f s left", epoch + 1,
+                 cfg["epochs"], loss_sum / len(x), correct / len(x), elapsed, elapsed / (epoch + 1) * (cfg["epochs"] - epoch - 1))
     bar.close()
     model.eval()
     return {
@@ -143,7 +150,11 @@ def shapes_vit(
     weights, meta_path = folder / "model.pt", folder / "meta.json"
     # One trainer at a time per config: parallel jobs of a sweep wait for the first one.
     with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is training this model (%s): waiting for it", folder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         # the initial weights must not depend on what ran before, nor what runs after on whether
         # the model was trained or loaded: seeded for this block only
         with seeded(seed):
