@@ -174,3 +174,18 @@ def test_stage_cache_and_resume(tmp_path, cache_dir, trained_vit):
     np.testing.assert_array_equal(a["attributions"], b["attributions"])
     assert not list((tmp_path / "stages").rglob("*.tmp*"))
     assert len(list((tmp_path / "stages" / "attributions").rglob("*.npz"))) == 2
+
+
+@pytest.mark.parametrize("n", [pytest.param(8, id="8-images"), pytest.param(None, id="as-written", marks=pytest.mark.slow)])
+def test_the_promised_command(tmp_path, cache_dir, trained_vit, n):
+    """``python -m harness -m xai=lime,shap,attnlrp`` on the default model: three FINISHED runs
+    (with the default 64 images under -m slow; 8 in the default suite)."""
+    r = run_harness("-m", "xai=lime,shap,attnlrp", *([f"dataset.n={n}"] if n else []), f"paths.cache_dir={cache_dir}",
+                    f"cache.dir={tmp_path}/stages", f"language.cache_dir={tmp_path}/answers",
+                    f"tracking.uri=sqlite:///{tmp_path}/m.db", f"tracking.artifact_location={tmp_path}/a",
+                    f"hydra.sweep.dir={tmp_path}/sweep")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "sweep: 3 jobs: 3 finished, 0 skipped (already finished), 0 failed" in r.stdout
+    runs = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(["1"])
+    assert sorted((x.data.tags["choice.xai"], x.info.status) for x in runs) == [
+        ("attnlrp", "FINISHED"), ("lime", "FINISHED"), ("shap", "FINISHED")]
