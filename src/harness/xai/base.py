@@ -74,14 +74,17 @@ def model_device(model: nn.Module | None) -> torch.device:
 
 
 def methods_for(arch: str) -> list[str]:
-    """The ``xai`` options (from the config group) whose explainer serves ``arch`` (vit or cnn)."""
+    """The ``xai`` options (from the config group) whose explainer serves ``arch`` (vit or cnn).
+    An alias (an option that only names another in its defaults list, e.g. ``shap``) is left
+    out: its method is listed under its own name."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
     from harness import CONF_DIR  # the config group is the registry
 
-    return [p.stem for p in sorted((CONF_DIR / "xai").glob("*.yaml"))
-            if arch in getattr(get_class(OmegaConf.load(p)._target_), "architectures", (arch,))]
+    options = {p.stem: OmegaConf.load(p) for p in sorted((CONF_DIR / "xai").glob("*.yaml"))}
+    return [name for name, cfg in options.items()
+            if "_target_" in cfg and arch in getattr(get_class(cfg._target_), "architectures", (arch,))]
 
 
 @dataclass(frozen=True)
