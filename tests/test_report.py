@@ -271,3 +271,25 @@ def test_variants_are_the_values_swept_beyond_the_options():
                            "metrics.srg.steps": ["16", "8", "16", "16"]})
     assert variants(params, choices).tolist() == ["seed=0", "seed=1", "seed=0", "seed=1"]  # run_name, metrics. ignored
     assert variants(params.drop(columns="seed"), choices).tolist() == [""] * 4  # option params differ only by choice
+
+
+def test_ranking_over_metrics_and_their_agreement():
+    """LATEC-style mean ranks (within family, then over families) and Spearman agreement, on a
+    table whose answer is known."""
+    from harness.report.tables import agreement, ranking
+
+    rows = []
+    values = {"s1": (True, {"a": 3, "b": 2, "c": 1}), "s2": (False, {"a": 1, "b": 2, "c": 3}),
+              "s3": (True, {"a": 1, "b": 3, "c": 2})}
+    for score, (hib, by) in values.items():
+        for m, v in by.items():
+            rows.append({"xai": m, "model": "vit", "dataset": "shapes", "score": score, "mean": float(v), "sem": 0.1,
+                         "higher_is_better": hib})
+    table = pd.DataFrame(rows)
+    info = {"s1": {"family": "faithfulness"}, "s2": {"family": "faithfulness"}, "s3": {"family": "complexity"}}
+    r = ranking(table, info).set_index("xai")
+    assert r.loc["a", "rank_faithfulness"] == 1 and r.loc["a", "rank_complexity"] == 3
+    assert dict(r["mean_rank"]) == {"b": 1.5, "a": 2.0, "c": 2.5} and dict(r["rank"]) == {"b": 1, "a": 2, "c": 3}
+    ag = agreement(table)
+    assert ag.loc["s1", "s2"] == pytest.approx(1.0)  # both say a > b > c, in their own directions
+    assert ag.loc["s1", "s3"] == pytest.approx(-0.5) and ag.loc["s3", "s3"] == pytest.approx(1.0)

@@ -73,6 +73,26 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
         md += ["## Faithfulness", "", text, caption, ""]
     else:
         gaps.append(f"faithfulness table: no run has a score of the families {list(cfg.table.families)}")
+    ranked = sweep.scores(list(cfg.ranking.families))
+    if ranked:
+        long = tables.score_table(runs, sweep.info, ranked, "xai", columns, order)
+        rank = tables.ranking(long, sweep.info, "xai", columns)
+        rank.to_csv(out / "ranking.csv", index=False)
+        shown = [c for c in rank.columns if c not in ("n_scores",)]
+        cells = [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r] for r in rank[shown].itertuples(index=False)]
+        md += ["## Ranking over metrics", "", f"Mean rank (1 = best) per metric family and over families, from "
+               f"{len(ranked)} scores ({', '.join(ranked)}); LATEC's aggregation.", "",
+               "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown), *("| " + " | ".join(c) + " |" for c in cells), ""]
+        files.append(out / "ranking.csv")
+        agree = tables.agreement(long, "xai", columns)
+        if len(agree) >= 2:
+            agree.to_csv(out / "agreement.csv")
+            files.append(out / "agreement.csv")
+            with figures.paper_style(float(cfg.style.font_size)):
+                files += figures.save(figures.agreement_matrix(agree), out, "agreement", fmts, dpi)
+            md += ["## Metric agreement", "", "![agreement](agreement.png)", ""]
+        else:
+            gaps.append("metric agreement: needs at least 2 scores and 3 methods")
 
     with figures.paper_style(float(cfg.style.font_size)):
         picked = newest(runs, ["xai", "model", "dataset", "variant"])

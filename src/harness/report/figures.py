@@ -296,3 +296,28 @@ def text_metrics(runs: pd.DataFrame, scores: list[str], info: dict[str, dict], h
     _legend(fig, axes, 4)
     fig.tight_layout()
     return fig
+
+
+def agreement_matrix(agree: Any) -> Any:
+    """The metrics' rank agreement (:func:`harness.report.tables.agreement`) as a heatmap,
+    -1 to 1 on a diverging scale, the value written in each cell."""
+    from matplotlib.figure import Figure
+
+    n = len(agree)
+    if n < 2:
+        return None
+    size = 1.0 + 0.55 * n
+    fig = Figure(figsize=(size + 1.2, size))
+    ax = fig.subplots()
+    im = ax.imshow(agree.to_numpy(float), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(n), agree.columns, rotation=45, ha="right")
+    ax.set_yticks(range(n), agree.index)
+    for i in range(n):
+        for j in range(n):
+            v = agree.iat[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="white" if abs(v) > 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="Spearman ρ over methods")
+    ax.set_title("Do the metrics rank the methods alike?")
+    fig.tight_layout()
+    return fig

@@ -118,3 +118,45 @@ def to_latex(table: pd.DataFrame, rows: str = "xai", columns: tuple[str, ...] = 
         out.append(rf"\caption{{{_tex(caption)}}}")
     out += [rf"\label{{{label}}}", rf"\end{{{env}}}"]
     return "\n".join(out) + "\n"
+
+
+def ranking(table: pd.DataFrame, info: dict[str, dict], rows: str = "xai",
+            columns: tuple[str, ...] = ("model", "dataset")) -> pd.DataFrame:
+    """Methods ranked over metrics as LATEC does (Klein et al., "Navigating the maze of
+    explainable AI", NeurIPS 2024): within each column group (model, dataset) and score, the
+    methods are ranked by their mean, 1 = best in the score's direction (ties share the mean
+    rank); ranks are averaged within each metric family, then over the families, so a family with
+    many scores does not outweigh one with few. One row per method and column group, with the
+    mean rank per family, the overall ``mean_rank`` and ``rank`` (1 = best), best first."""
+    if table.empty:
+        return pd.DataFrame()
+    t = table.dropna(subset=["mean"]).copy()
+    t["signed"] = np.where(t["higher_is_better"], -t["mean"].astype(float), t["mean"].astype(float))
+    t["metric_rank"] = t.groupby([*columns, "score"], dropna=False, observed=True)["signed"].rank(method="average")
+    t["family"] = t["score"].map(lambda s: info.get(s, {}).get("family", "other"))
+    fam = t.groupby([*columns, rows, "family"], dropna=False, observed=True)["metric_rank"].mean().unstack("family")
+    fam.columns = [f"rank_{c}" for c in fam.columns]
+    fam["mean_rank"] = fam.mean(axis=1)
+    fam["rank"] = fam.groupby(level=list(range(len(columns))), dropna=False)["mean_rank"].rank(method="min")
+    fam["n_scores"] = t.groupby([*columns, rows], dropna=False, observed=True)["score"].nunique()
+    return fam.reset_index().sort_values([*columns, "rank", rows]).reset_index(drop=True)
+
+
+def agreement(table: pd.DataFrame, rows: str = "xai", columns: tuple[str, ...] = ("model", "dataset")) -> pd.DataFrame:
+    """How far the metrics agree on the order of the methods: Spearman's rank correlation, over
+    methods, between every two scores, each signed so that higher is better (1: the two
+    scores order the methods the same way, -1: the opposite way). Computed within each column
+    group and averaged over the groups (Fisher z would matter only for many groups)."""
+    if table.empty:
+        return pd.DataFrame()
+    t = table.dropna(subset=["mean"]).copy()
+    t["signed"] = np.where(t["higher_is_better"], t["mean"].astype(float), -t["mean"].astype(float))
+    mats = []
+    for _, g in t.groupby(list(columns), dropna=False, observed=True):
+        wide = g.pivot_table(index=rows, columns="score", values="signed", observed=True)
+        if len(wide) >= 3:
+            mats.append(wide.rank().corr(method="pearson", min_periods=3))
+    if not mats:
+        return pd.DataFrame()
+    scores = list(dict.fromkeys(table["score"]))
+    return (sum(m.reindex(index=scores, columns=scores) for m in mats) / len(mats)).dropna(how="all").dropna(axis=1, how="all")
