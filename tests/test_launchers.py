@@ -1,5 +1,6 @@
 """Parallel jobs with Hydra's joblib launcher into one SQLite store."""
 
+import pytest
 from mlflow import MlflowClient
 
 from conftest import run_harness
@@ -51,3 +52,20 @@ def test_joblib_with_isolated_jobs(tmp_path, cache_dir, trained_vit):
     assert sorted((x.data.tags["choice.xai"], x.info.status) for x in runs) == [("random", "FINISHED"),
                                                                                 ("saliency", "FINISHED")]
     assert len({x.data.tags["owner.pid"] for x in runs}) == 2  # each in a child of its own
+
+
+def test_optuna_tunes_an_explainer_against_a_score(tmp_path, cache_dir, trained_vit):
+    """hydra/sweeper=optuna over SmoothGrad's noise, maximising SRG: each trial is a run, and the
+    study's best value is the best run's score."""
+    import yaml
+
+    r = run_harness("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1",
+                    "hydra.sweeper.direction=maximize", "hydra.sweeper.sampler.seed=0", "optimize=srg",
+                    "xai=smoothgrad", "xai.n_samples=4", "xai.noise_level=interval(0.02,0.5)", "dataset.n=3",
+                    "metrics=[srg]", "~mllm", *store_args(tmp_path, cache_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(["1"])
+    assert len(runs) == 3 and all(x.info.status == "FINISHED" for x in runs)
+    assert len({x.data.params["xai.noise_level"] for x in runs}) == 3
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    assert best["best_value"] == pytest.approx(max(x.data.metrics["srg"] for x in runs))

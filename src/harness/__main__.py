@@ -11,7 +11,8 @@ from harness.types import HarnessError
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """One job; returns the score named by ``optimize`` (for ``hydra/sweeper=optuna``), else None."""
     from hydra.core.hydra_config import HydraConfig
 
     from harness.validate import check
@@ -26,7 +27,8 @@ def main(cfg: DictConfig) -> None:
         if multirun:
             return None  # the sweep's summary names the job (no run) and the sweep exits 1
         sys.exit(1)
-    if multirun and cfg.get("resume", False):  # before any heavy import (harness.resume)
+    optimize = cfg.get("optimize")
+    if multirun and cfg.get("resume", False) and not optimize:  # before any heavy import (harness.resume)
         from harness.resume import finished_in_sweep, mark_skipped
 
         if (run_id := finished_in_sweep(cfg, hc.sweep.dir)) is not None:
@@ -44,7 +46,12 @@ def main(cfg: DictConfig) -> None:
                      *([Path(hc.sweep.dir) / "multirun.yaml"] if multirun else []))
     try:
         context = redact(hydra_context(), found.values())
-        run_isolated(cfg, context) if wants_isolation(cfg) else run(cfg, context)
+        summary = run_isolated(cfg, context) if wants_isolation(cfg) else run(cfg, context)
+        if optimize:
+            if optimize not in summary:
+                scores = ", ".join(k for k in summary if not k.endswith(("_sem", "_ci95_low", "_ci95_high")))
+                raise HarnessError(f"optimize={optimize!r} is not a score of this job; its scores: {scores}")
+            return float(summary[optimize])
     except HarnessError as e:
         print(f"harness: error: {e}", file=sys.stderr)  # the run itself records it as FAILED
         if not multirun:
@@ -55,6 +62,7 @@ def main(cfg: DictConfig) -> None:
         import traceback
 
         print(f"harness: job failed:\n{traceback.format_exc()}", file=sys.stderr)
+    return float("nan") if optimize else None  # a failed trial, for an optimising sweeper
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
             log.info("job finished meanwhile as run %s (same resolved config): skipped", done_id)
             rec.discard()  # this run did nothing: deleted, the claim protocol's loser
             resume.mark_skipped(done_id, context["output_dir"])
-            return {"skipped": 1.0}
+            return {**tracker.client().get_run(done_id).data.metrics, "skipped": 1.0}
         rec.params(flatten(to_plain(cfg)))
         rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         seed_everything(cfg.seed)
