@@ -1,4 +1,4 @@
-"""Shared fixtures: composed configs, the trained shapes ViT (trained once per session), paths."""
+"""Shared fixtures: composed configs, the default shapes ViT (its shipped weights, once per session), paths."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def make_cfg(overrides: list[str] = ()):
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """A fresh cache for the session: the shapes ViT is trained here once, from scratch.
+    """A fresh cache for the session: the shapes ViT's shipped weights are installed here
+    (tests/test_trained_model.py trains them again from scratch and compares).
 
     ``HARNESS_TEST_CACHE=/some/dir`` reuses a cache across sessions (a shortcut while developing).
     """
