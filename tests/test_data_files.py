@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -60,3 +62,12 @@ def test_a_checkpoint_with_code_is_refused_without_unsafe_advice(tmp_path):
     with pytest.raises(HarnessError) as e:
         load_weights(torch.nn.Linear(1, 1), tmp_path / "pickled.pt")
     assert "weights_only=False" not in str(e.value) and "save the weights alone" in str(e.value)
+
+
+@pytest.mark.parametrize("image_id", ["../../etc/passwd", "/abs/path.png", "..", "a/../../b", "c:\\x\\..\\y"])
+def test_image_ids_cannot_name_a_path_outside_the_artifact_folder(image_id):
+    from harness.tracking.artifacts import safe_name
+
+    name = safe_name(image_id)
+    assert "/" not in name and "\\" not in name and name not in (".", "..")
+    assert (Path("/store/overlays") / f"00000_{name}.png").resolve().parent == Path("/store/overlays")

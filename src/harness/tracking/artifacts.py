@@ -18,8 +18,11 @@ from harness.types import ImageSet, MetricOutput
 
 
 def safe_name(image_id: str) -> str:
-    """An image id as a file-name part."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)
+    """An image id as a file-name part: letters, digits, ``-_.`` kept, anything else (path
+    separators included) ``_``, and a name of dots alone (``..``) made underscores, so no id
+    can name a path outside the folder it is written to."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id)
+    return "_" * len(name) if set(name) <= {"."} else name
 
 
 def log_artifacts(rec: Any, data: ImageSet, x: torch.Tensor, maps: np.ndarray, labels: torch.Tensor,
