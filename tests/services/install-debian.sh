@@ -13,9 +13,11 @@ missing=$(for p in $PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 export DEBIAN_FRONTEND=noninteractive
-# the tests make their own database clusters: none from the package
-$SUDO mkdir -p /etc/postgresql-common
-echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+# the tests make their own database clusters: none from the package (an existing setting is kept)
+if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    $SUDO mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+fi
 # shellcheck disable=SC2086
 $SUDO apt-get install -y --no-install-recommends $missing \
     || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends $missing; }
