@@ -68,8 +68,9 @@ def test_credential_detection():
                   "tracking": {"uri": "http://u:AKIAABCDEFGHIJKLMNOP@h"}, "seed": 0}, env)
     assert set(found) == {"mllm.api_key", "prompt.template", "tracking.uri"}  # not the *_env pointer
     assert redact_overrides(["mllm.api_key=hunter2", "+x.password=p", "mllm.api_key_env=K", "xai=ig",
-                             "prompt.template=x sk-abcdefghijklmnopqrstu y"]) == [
-        f"mllm.api_key={REDACTED}", f"+x.password={REDACTED}", "mllm.api_key_env=K", "xai=ig", f"prompt.template=x {REDACTED} y"]
+                             "prompt.template=x sk-abcdefghijklmnopqrstu y", "mllm.decoding.max_new_tokens=64"]) == [
+        f"mllm.api_key={REDACTED}", f"+x.password={REDACTED}", "mllm.api_key_env=K", "xai=ig", f"prompt.template=x {REDACTED} y",
+        "mllm.decoding.max_new_tokens=64"]  # a number is never a credential
 
 
 def needles(cache_dir) -> list[bytes]:

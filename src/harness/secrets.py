@@ -41,11 +41,26 @@ TOKEN = re.compile(
     r"|eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}|Bearer\s+[A-Za-z0-9._\-]{12,})")
 
 
+def _could_be_credential(value: str) -> bool:
+    """A number, a boolean or null is never a credential (``max_new_tokens=64`` is not one)."""
+    if value.lower() in ("true", "false", "null", "none", REDACTED.lower()):
+        return False
+    try:
+        float(value)
+        return False
+    except ValueError:
+        return bool(value)
+
+
+def _names_credential(key: str) -> bool:
+    return bool(SECRET_KEY.search(key)) and not POINTER_KEY.search(key)
+
+
 def environment_secrets(extra_names: Iterable[str] = ()) -> list[str]:
     """Values of environment variables that hold credentials (8 characters or more)."""
     names = set(extra_names)
     return sorted({v for k, v in os.environ.items()
-                   if (k in names or (SECRET_KEY.search(k) and not POINTER_KEY.search(k))) and len(v) >= 8},
+                   if (k in names or _names_credential(k)) and len(v) >= 8},
                   key=len, reverse=True)
 
 
@@ -55,7 +70,7 @@ def find(plain: Any, env: list[str], prefix: str = "") -> dict[str, str]:
     if isinstance(plain, dict):
         for k, v in plain.items():
             key = f"{prefix}{k}"
-            if isinstance(v, str) and v and v != REDACTED and SECRET_KEY.search(str(k)) and not POINTER_KEY.search(str(k)):
+            if isinstance(v, str) and _could_be_credential(v) and _names_credential(str(k)):
                 out[key] = v
             else:
                 out.update(find(v, env, f"{key}."))
@@ -135,7 +150,7 @@ def override_secrets(overrides: Iterable[str]) -> list[str]:
     for o in overrides:
         key, eq, value = o.partition("=")
         last = key.lstrip("+~").split(".")[-1].split("@")[0]
-        if eq and value and SECRET_KEY.search(last) and not POINTER_KEY.search(last):
+        if eq and _could_be_credential(value) and _names_credential(last):
             out.append(value)
         out += [m.group(0) for m in TOKEN.finditer(o)] + [v for v in env if v in o]
     return out
@@ -150,7 +165,7 @@ def redact_overrides(overrides: Iterable[str]) -> list[str]:
     for o in overrides:
         key, eq, value = o.partition("=")
         last = key.lstrip("+~").split(".")[-1].split("@")[0]
-        out.append(f"{key}={REDACTED}" if eq and value and SECRET_KEY.search(last) and not POINTER_KEY.search(last)
+        out.append(f"{key}={REDACTED}" if eq and _could_be_credential(value) and _names_credential(last)
                    else redact_text(o, secrets))
     return out
 
