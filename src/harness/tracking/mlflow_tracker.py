@@ -52,7 +52,10 @@ class Tracker:
     def __init__(self, uri: str, experiment: str = "harness", artifact_location: str | None = None,
                  store_templates: str | None = None, heartbeat_s: float = 30.0, stale_after_s: float = 300.0) -> None:
         if not 0 < heartbeat_s < stale_after_s:
-            raise ValueError(f"tracking: need 0 < heartbeat_s < stale_after_s, got {heartbeat_s} and {stale_after_s}")
+            from harness.types import HarnessError
+
+            raise HarnessError(f"tracking.heartbeat_s={heartbeat_s} and tracking.stale_after_s={stale_after_s}: "
+                               "need 0 < heartbeat_s < stale_after_s (a live run must beat before it counts as dead)")
         self.uri = uri
         self.experiment = experiment
         self.artifact_location = artifact_location
