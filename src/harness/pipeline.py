@@ -57,13 +57,10 @@ def hydra_context() -> dict[str, Any]:
 
 def _finished_run(tracker: Any, config_hash: str) -> Any:
     """A FINISHED run of the tracker's experiment with this config hash, or None."""
-    client = tracker.client()
-    exp = client.get_experiment_by_name(tracker.experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id], max_results=1, filter_string=(
-        f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'"))
-    return runs[0] if runs else None
+    from harness.tracking.claims import finished_run
+
+    exp = tracker.client().get_experiment_by_name(tracker.experiment)
+    return None if exp is None else finished_run(tracker.client(), exp.experiment_id, config_hash)
 
 
 def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, float]:

@@ -104,9 +104,15 @@ def claim(client: Any, experiment_id: str, config_hash: str, run_id: str, stale_
             announced = holder.info.run_id
         while _live(client, holder.info.run_id, stale_after_s) is not None:
             time.sleep(poll_s)
+    done = finished_run(client, experiment_id, config_hash, other_than=run_id)
+    return None if done is None else done.info.run_id
+
+
+def finished_run(client: Any, experiment_id: str, config_hash: str, other_than: str | None = None) -> Any:
+    """A FINISHED run of the experiment with this config hash (not ``other_than``), or None."""
     filter_string = f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'"
-    done = [r for r in client.search_runs([experiment_id], filter_string, max_results=2) if r.info.run_id != run_id]
-    return done[0].info.run_id if done else None
+    done = [r for r in client.search_runs([experiment_id], filter_string, max_results=2) if r.info.run_id != other_than]
+    return done[0] if done else None
 
 
 def reap(client: Any, experiment_id: str, stale_after_s: float) -> list[str]:
