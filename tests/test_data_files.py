@@ -71,3 +71,59 @@ def test_image_ids_cannot_name_a_path_outside_the_artifact_folder(image_id):
     name = safe_name(image_id)
     assert "/" not in name and "\\" not in name and name not in (".", "..")
     assert (Path("/store/overlays") / f"00000_{name}.png").resolve().parent == Path("/store/overlays")
+
+
+def _decoded(tmp_path, name, save):
+    """The one image ``save`` writes, decoded by ``image_folder`` (a folder of its own)."""
+    root = tmp_path / name.replace(".", "_")
+    (root / "c").mkdir(parents=True)
+    save(root / "c" / name)
+    data = image_folder(str(root))
+    assert not data.skipped, data.skipped
+    return data.images[0]
+
+
+def test_image_formats_decode_to_the_expected_8_bit_rgb(tmp_path):
+    """16-bit grey, palette (with and without transparency), CMYK, grey, 1-bit, RGBA and LA, and
+    an EXIF-rotated image each become the 8-bit RGB a viewer shows."""
+    grey16 = np.full((4, 4), 32896, np.uint16)  # 32896 / 65535 * 255 = 128
+    got = _decoded(tmp_path, "g16.png", lambda p: Image.fromarray(grey16).save(p))
+    assert got.dtype == np.uint8 and got.shape == (4, 4, 3) and (got == 128).all()  # Pillow's convert gave 255
+
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.putdata([0, 1])
+    got = _decoded(tmp_path, "p.png", lambda p: pal.save(p))
+    assert got.tolist() == [[[255, 0, 0], [0, 0, 255]]]
+    got = _decoded(tmp_path, "pt.png", lambda p: pal.save(p, transparency=1))
+    assert got.tolist() == [[[255, 0, 0], [255, 255, 255]]]  # the transparent index over white
+
+    cmyk = Image.new("CMYK", (1, 1), (255, 0, 0, 0))  # pure cyan
+    assert _decoded(tmp_path, "k.tif", lambda p: cmyk.save(p)).tolist() == [[[0, 255, 255]]]
+    assert _decoded(tmp_path, "l.png", lambda p: Image.new("L", (1, 1), 77).save(p)).tolist() == [[[77, 77, 77]]]
+    assert _decoded(tmp_path, "b.png", lambda p: Image.new("1", (1, 1), 1).save(p)).tolist() == [[[255, 255, 255]]]
+
+    rgba = Image.new("RGBA", (2, 1))
+    rgba.putdata([(10, 20, 30, 255), (10, 20, 30, 0)])
+    assert _decoded(tmp_path, "a.png", lambda p: rgba.save(p)).tolist() == [[[10, 20, 30], [255, 255, 255]]]
+    la = Image.new("LA", (1, 1), (0, 128))  # black at half opacity over white
+    assert _decoded(tmp_path, "la.png", lambda p: la.save(p)).tolist() == [[[127, 127, 127]]]
+
+    a = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 10
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the viewer turns it 90 degrees clockwise
+    got = _decoded(tmp_path, "r.png", lambda p: Image.fromarray(a).save(p, exif=exif))
+    np.testing.assert_array_equal(got, np.rot90(a, k=-1))
+
+
+def test_npz_16_bit_is_scaled_and_nan_is_an_error_naming_where(tmp_path):
+    labels = np.zeros(2, np.int64)
+    np.savez(tmp_path / "u16.npz", images=np.full((2, 4, 4, 3), 65535, np.uint16), labels=labels)
+    assert (npz_images(str(tmp_path / "u16.npz")).images[0] == 255).all()  # not 65535 % 256
+    bad = np.zeros((2, 4, 4, 3), np.float32)
+    bad[1, 2, 3, 0] = np.nan
+    bad[0, 0, 1, 2] = np.inf
+    np.savez(tmp_path / "nan.npz", images=bad, labels=labels)
+    with pytest.raises(HarnessError, match=r"nan.npz:images has 2 NaN or infinite pixel values, first at "
+                                           r"\[image, row, column, channel\] \[0, 0, 1, 2\], \[1, 2, 3, 0\]"):
+        npz_images(str(tmp_path / "nan.npz"))

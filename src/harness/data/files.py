@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -96,8 +97,8 @@ def image_folder(
                     skipped.append((rel, f"{im.width}x{im.height} pixels, more than max_pixels={max_pixels} "
                                          "(a decompression bomb?)"))
                     continue
-                images.append(np.asarray(im.convert("RGB")))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+                images.append(to_rgb8(im))
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, HarnessError) as e:
             skipped.append((rel, f"unreadable image: {e}"))
             continue
         labels.append(label)
@@ -108,6 +109,50 @@ def image_folder(
         names = [str(i) for i in range(max(labels) + 1)] if labels else []
     return ImageSet(images=images, labels=np.array(labels, dtype=np.int64), ids=ids,
                     class_names=names, skipped=skipped)
+
+
+def to_uint8(a: np.ndarray, what: str) -> np.ndarray:
+    """Pixel values as uint8, never wrapped around: uint16 scaled by 255/65535; floats in [0, 1]
+    scaled by 255 and floats in [0, 255] taken as they are; other integers taken as they are up to
+    255 and as 16-bit values up to 65535."""
+    if a.dtype == np.uint8:
+        return a
+    if a.size and float(a.min()) < 0:
+        raise HarnessError(f"{what} has negative pixel values (min {float(a.min()):g}); expected [0, 1], [0, 255] "
+                           "or unsigned 16-bit")
+    hi = float(a.max()) if a.size else 0.0
+    if a.dtype == np.uint16 or (np.issubdtype(a.dtype, np.integer) and 255 < hi <= 65535):
+        return (a.astype(np.float64) * (255 / 65535)).round().astype(np.uint8)
+    if np.issubdtype(a.dtype, np.integer):
+        if hi <= 255:
+            return a.astype(np.uint8)
+        raise HarnessError(f"{what}: integer pixel values up to {hi:g}; expected 8- or 16-bit")
+    if hi <= 1:
+        return (a * 255).round().astype(np.uint8)
+    if hi <= 255:
+        return a.round().astype(np.uint8)
+    raise HarnessError(f"{what}: float pixel values up to {hi:g}; expected [0, 1] or [0, 255]")
+
+
+def to_rgb8(im: Any) -> np.ndarray:
+    """A PIL image as 8-bit RGB ``[H, W, 3]``: turned upright by its EXIF orientation; 16-bit
+    grey scaled by 255/65535 and 32-bit grey or float as :func:`to_uint8` says (Pillow's own
+    ``convert("RGB")`` clips them, so a 16-bit PNG came out white); palette, CMYK, grey and
+    1-bit images converted; transparency composited over white (the usual page background)."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16"):
+        grey = to_uint8(np.asarray(im).astype(np.uint16), f"a {im.mode} image")
+        return np.repeat(grey[..., None], 3, axis=2)
+    if im.mode in ("I", "F"):
+        return np.repeat(to_uint8(np.asarray(im), f"a {im.mode} image")[..., None], 3, axis=2)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im.convert("RGBA"))
+    return np.asarray(im.convert("RGB"))
 
 
 def npz_images(
@@ -141,8 +186,11 @@ def npz_images(
         raise HarnessError(f"{p}:{images_key} must be [N, 3, H, W] or [N, H, W, 3], got {imgs.shape}")
     if imgs.shape[-1] != 3:
         imgs = imgs.transpose(0, 2, 3, 1)
-    if imgs.dtype != np.uint8:
-        imgs = (np.clip(imgs, 0, 1) * 255).round().astype(np.uint8) if imgs.max() <= 1 else imgs.astype(np.uint8)
+    if np.issubdtype(imgs.dtype, np.floating) and not (finite := np.isfinite(imgs)).all():
+        bad = np.argwhere(~finite)
+        raise HarnessError(f"{p}:{images_key} has {len(bad)} NaN or infinite pixel values, first at "
+                           f"[image, row, column, channel] {', '.join(str(list(map(int, b))) for b in bad[:3])}")
+    imgs = to_uint8(imgs, f"{p}:{images_key}")
     names = read_class_names(classes_file) if classes_file else [str(i) for i in range(int(labels.max()) + 1)]
     ids = [f"{p.stem}-{start + i:06d}" for i in range(len(imgs))]
     return ImageSet(
