@@ -127,3 +127,29 @@ def test_npz_16_bit_is_scaled_and_nan_is_an_error_naming_where(tmp_path):
     with pytest.raises(HarnessError, match=r"nan.npz:images has 2 NaN or infinite pixel values, first at "
                                            r"\[image, row, column, channel\] \[0, 0, 1, 2\], \[1, 2, 3, 0\]"):
         npz_images(str(tmp_path / "nan.npz"))
+
+
+def test_labels_by_wordnet_id_or_name_and_checked_against_the_classes(tmp_path):
+    classes = tmp_path / "classes.tsv"
+    classes.write_text("index\twnid\tnames\n0\tn01440764\ttench, Tinca tinca\n1\tn01443537\tgoldfish\n"
+                       "2\tn01484850\tgreat white shark, white shark\n")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    px = lambda: Image.fromarray(np.zeros((4, 4, 3), np.uint8))  # noqa: E731
+    for name in ("n01440764_tench.JPEG", "n01484850_0001.png", "n09999999_unknown.png"):
+        px().save(flat / name, format="PNG")
+    data = image_folder(str(flat), str(classes), "names", r"^(n\d{8})_")
+    assert dict(zip(data.ids, data.labels.tolist())) == {"n01440764_tench.JPEG": 0, "n01484850_0001.png": 2}
+    assert data.class_names == ["tench", "goldfish", "great white shark"]
+    assert data.skipped == [("n09999999_unknown.png", f"'n09999999' names no class of {classes}")]
+    by_name = tmp_path / "by_name"
+    by_name.mkdir()
+    px().save(by_name / "goldfish-1.png")
+    px().save(by_name / "7-1.png")  # an index beyond the 3 classes
+    data = image_folder(str(by_name), str(classes), "names", r"^([\w ]+?)-\d")
+    assert dict(zip(data.ids, data.labels.tolist())) == {"goldfish-1.png": 1}
+    assert data.skipped == [("7-1.png", "label 7 is not a class index (the class file has 3)")]
+    folders = tmp_path / "folders"
+    (folders / "n01443537").mkdir(parents=True)
+    px().save(folders / "n01443537" / "a.png")
+    assert image_folder(str(folders), str(classes), "names").labels.tolist() == [1]  # ImageNet's train layout

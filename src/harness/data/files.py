@@ -32,6 +32,22 @@ def read_class_names(path: str | Path, column: str | int = 0) -> list[str]:
     return [ln.split("\t")[column].split(",")[0].strip() for ln in lines[1:]]
 
 
+def class_lookup(path: str | Path) -> dict[str, int]:
+    """Every way a class file names a class, to its index: each cell of a TSV row (e.g. the
+    index, the WordNet id ``n01440764`` and each comma-separated name), or each line of a
+    ``.txt``; names also lower-cased."""
+    p = Path(path).expanduser()
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    rows = [ln.split("\t") for ln in lines[1:]] if p.suffix == ".tsv" else [[ln] for ln in lines]
+    out: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        for cell in row:
+            for name in {cell.strip(), *(n.strip() for n in cell.split(","))} - {""}:
+                out.setdefault(name, i)
+                out.setdefault(name.lower(), i)
+    return out
+
+
 def _require(path: str | Path, what: str) -> Path:
     p = Path(path).expanduser()
     if not p.exists():
@@ -54,8 +70,11 @@ def image_folder(
         classes_file: class names in index order (``.txt`` or ``.tsv``). Without it, with
             sub-folder labels, the sorted sub-folder names are the classes.
         classes_column: TSV column holding the names.
-        label_regex: a regex whose first group is the integer class index in the file name
-            (e.g. ``_(\\d+)\\.\\w+$``); ``None``: ``root/<class name>/<image>``.
+        label_regex: a regex whose first group names the class in the file name: its index
+            (e.g. ``_(\\d+)\\.\\w+$``), or, with ``classes_file``, any name the file gives it
+            (a WordNet id: ``^(n\\d{8})_`` for ``n01440764_tench.JPEG``; a class name);
+            ``None``: ``root/<class>/<image>``, the folder named by the class or (with
+            ``classes_file``) by its WordNet id or any other name in the file.
         n: keep only the first ``n`` images (sorted by path).
         max_pixels: an image with more pixels (width × height, read from its header before
             decoding) is skipped as a possible decompression bomb; the default is Pillow's
@@ -68,10 +87,11 @@ def image_folder(
     base = _require(root, "image folder")
     files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     names = read_class_names(classes_file, classes_column) if classes_file else None
+    lookup = class_lookup(classes_file) if classes_file else {}
     if label_regex is None:
         if names is None:
             names = sorted(d.name for d in base.iterdir() if d.is_dir())
-        index = {c: i for i, c in enumerate(names)}
+        index = {**lookup, **{c: i for i, c in enumerate(names)}}
         files = [f for f in files if f.parent != base]
     if not files:
         raise HarnessError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {base}")
@@ -90,7 +110,18 @@ def image_folder(
             if not m:
                 skipped.append((rel, f"no label in the file name (regex {label_regex!r})"))
                 continue
-            label = int(m.group(1))
+            key = m.group(1)
+            if key.isdigit():
+                label = int(key)
+            elif (found := lookup.get(key, lookup.get(key.lower()))) is not None:
+                label = found
+            else:
+                skipped.append((rel, f"{key!r} names no class" + (f" of {classes_file}" if classes_file else
+                                                                   " (a name needs dataset.classes_file)")))
+                continue
+            if names is not None and not 0 <= label < len(names):
+                skipped.append((rel, f"label {label} is not a class index (the class file has {len(names)})"))
+                continue
         try:
             with Image.open(f) as im:
                 if im.width * im.height > max_pixels:
