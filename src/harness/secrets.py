@@ -142,15 +142,20 @@ def redact_files(secrets: Iterable[str], *files: str | os.PathLike) -> None:
             p.write_text(clean)
 
 
+def _credential_value(override: str) -> str | None:
+    """The value of ``key=value`` when its key names a credential (and the value could be one)."""
+    key, eq, value = override.partition("=")
+    last = key.lstrip("+~").split(".")[-1].split("@")[0]
+    return value if eq and _could_be_credential(value) and _names_credential(last) else None
+
+
 def override_secrets(overrides: Iterable[str]) -> list[str]:
     """The credential texts in command-line overrides: values of keys that name one, token
     shapes, and values of credential environment variables."""
     env = environment_secrets()
     out = []
     for o in overrides:
-        key, eq, value = o.partition("=")
-        last = key.lstrip("+~").split(".")[-1].split("@")[0]
-        if eq and _could_be_credential(value) and _names_credential(last):
+        if (value := _credential_value(o)) is not None:
             out.append(value)
         out += [m.group(0) for m in TOKEN.finditer(o)] + [v for v in env if v in o]
     return out
@@ -161,13 +166,8 @@ def redact_overrides(overrides: Iterable[str]) -> list[str]:
     whole value of a key that names a credential, and credential texts anywhere."""
     overrides = list(overrides)
     secrets = override_secrets(overrides)
-    out = []
-    for o in overrides:
-        key, eq, value = o.partition("=")
-        last = key.lstrip("+~").split(".")[-1].split("@")[0]
-        out.append(f"{key}={REDACTED}" if eq and _could_be_credential(value) and _names_credential(last)
-                   else redact_text(o, secrets))
-    return out
+    return [f"{o.partition('=')[0]}={REDACTED}" if _credential_value(o) is not None else redact_text(o, secrets)
+            for o in overrides]
 
 
 class _RedactRecords(logging.Filter):
