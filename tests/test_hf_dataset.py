@@ -92,6 +92,11 @@ def test_a_single_parquet_file_and_a_dataset_without_splits(written, arrays, tmp
     data = hf_dataset(str(plain), cache_dir=str(tmp_path / "cache"))  # root/<class>/<image>: no split
     assert len(data) == 12 and data.class_names == NAMES
     assert sorted(data.labels.tolist()) == sorted(arrays[1].tolist())
+    single = tmp_path / "single" / "fox"
+    single.mkdir(parents=True)
+    Image.fromarray(arrays[0][0]).save(single / "a.png")
+    data = hf_dataset(str(single.parent), cache_dir=str(tmp_path / "cache"))  # one class folder: labelled too
+    assert data.class_names == ["fox"] and data.labels.tolist() == [0]
 
 
 @pytest.mark.parametrize("kind", ["disk", "parquet", "folder"])

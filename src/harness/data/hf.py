@@ -189,7 +189,8 @@ def _local(builder: str, folder: Path, split: str, cache_dir: str | None, data_f
         if data_files is not None:
             loaded = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache_dir)
         else:
-            loaded = datasets.load_dataset(builder, data_dir=str(folder), cache_dir=cache_dir)
+            extra = {"drop_labels": False} if builder == "imagefolder" else {}  # one class folder: labels too
+            loaded = datasets.load_dataset(builder, data_dir=str(folder), cache_dir=cache_dir, **extra)
             if get_data_patterns(str(folder)) == DEFAULT_PATTERNS_ALL and len(loaded) == 1:
                 return next(iter(loaded.values()))  # no split in the names: the folder is the dataset
     except HarnessError:
