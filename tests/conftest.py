@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from harness import CONF_DIR
+from harness.validate import open_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HARNESS_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -27,7 +28,7 @@ needs_shared = pytest.mark.skipif(
 def make_cfg(overrides: list[str] = ()):
     """Compose ``conf/`` as ``python -m harness`` would, with ``${hydra:...}`` resolvable."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose("config", overrides=open_keys(list(overrides)), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -21,8 +21,8 @@ from harness.data.shapes import make_shapes
 from harness.models.cifar_resnet import CifarResNet
 from harness.models.classifier import Classifier
 
-TINY_VIT = ["model=timm", "model.name=vit_tiny_patch16_224", "model.num_classes=4", "model.input_size=32",
-            "+model.model_kwargs={img_size:32,patch_size:8,embed_dim:32,depth:2,num_heads:2}"]
+TINY_VIT = ["model=timm", "model.name=vit_tiny_patch16_224", "model.num_classes=4",
+            *(f"model.kwargs.{k}" for k in ("img_size=32", "patch_size=8", "embed_dim=32", "depth=2", "num_heads=2"))]
 
 
 def run_benchmark(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:

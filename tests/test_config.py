@@ -71,6 +71,10 @@ def _dataset_overrides(option: str, tmp_path: Path) -> list[str]:
     if option == "npz":
         np.savez(tmp_path / "d.npz", images=np.zeros((2, 4, 4, 3), np.uint8), labels=np.array([0, 1]))
         return [f"dataset.path={tmp_path / 'd.npz'}"]
+    if option == "hf":  # an image folder through the datasets imagefolder builder
+        (tmp_path / "img" / "cls").mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "img" / "cls" / "x.png")
+        return [f"dataset.path={tmp_path / 'img'}", f"dataset.cache_dir={tmp_path / 'cache'}"]
     if option in ("cifar10", "imagenet_samples") and not SHARED.is_dir():
         pytest.skip(f"real test data not found at {SHARED}")
     return [f"paths.shared_data={SHARED}"]

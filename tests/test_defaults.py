@@ -56,7 +56,6 @@ VARIANTS: dict[tuple[str, str], str] = {
     ("dataset/imagenet_samples", "label_regex"): "the bundled samples carry their label in the file name",
     ("metrics/srg_softmax.srg_softmax", "output"): "the option is SRG on the softmax probability",
     ("metrics/srg_softmax.srg_softmax", "name"): "logged beside srg, under its own name",
-    ("model/mobilenet_v2_imagenet", "fused"): "its checkpoint is a fused conv+BN network",
     ("prompt/expert", "audience"): "the prompt's audience",
     ("prompt/security_analyst", "audience"): "the prompt's audience",
     ("prompt/security_analyst", "system"): "the prompt's system message",

@@ -72,18 +72,6 @@ def test_saliency_equals_captum(data):
     close(Saliency(reduce="sum").explain(model, x, t), sal.attribute(x.clone(), target=t, abs=False).sum(1))
 
 
-def test_the_deprecated_abs_gives_the_same_numbers(data):
-    model, x, t = data
-    default = Saliency().explain(model, x, t)
-    assert torch.equal(Saliency(abs=True).explain(model, x, t), default)
-    assert torch.equal(Saliency(reduce="max_abs").explain(model, x, t), default)
-    assert torch.equal(Saliency(abs=False).explain(model, x, t), Saliency(reduce="sum").explain(model, x, t))
-    assert Saliency(abs=False).reduce == "sum" and Saliency(abs=True, reduce="max_abs").reduce == "max_abs"
-    assert Saliency(abs=False, reduce="sum").reduce == "sum"
-    # the benchmark's captum references read .abs
-    assert Saliency().abs and not Saliency(reduce="sum").abs and not SmoothGrad(reduce="l2").abs
-
-
 @pytest.mark.parametrize("reduce", REDUCTIONS)
 def test_normalized_saliency_is_pixel_gradient_times_std(data, reduce):
     model, x, t = data
@@ -122,8 +110,7 @@ def test_smoothgrad_defaults_keep_their_numbers(data, variant):
         old = legacy_smoothgrad(model, x, t, 3, 0.2, variant, abs_, False, 5)
         new = SmoothGrad(**kw, reduce=reduce).explain(model, x, t)
         close(new, old)
-        assert torch.equal(SmoothGrad(**kw, abs=abs_).explain(model, x, t), new)
-    assert torch.equal(SmoothGrad(**kw).explain(model, x, t), SmoothGrad(**kw, abs=True).explain(model, x, t))
+    assert torch.equal(SmoothGrad(**kw).explain(model, x, t), SmoothGrad(**kw, reduce="max_abs").explain(model, x, t))
     close(SmoothGrad(**kw, reduce="sum", multiply_by_inputs=True).explain(model, x, t),
           legacy_smoothgrad(model, x, t, 3, 0.2, variant, False, True, 5))
     # the batch a noisy copy is in does not matter
@@ -173,19 +160,11 @@ def test_invalid_values_name_the_valid_ones():
             cls(space="normalised")
 
 
-def test_abs_and_reduce_in_conflict_name_both():
-    for cls, kw in ((Saliency, {}), (SmoothGrad, {"n_samples": 2})):
-        with pytest.raises(HarnessError, match=r"xai.abs=false .*xai.reduce=sum.* conflicts with xai.reduce=l2"):
-            cls(abs=False, reduce="l2", **kw)
-        with pytest.raises(HarnessError, match=r"xai.abs=true .*conflicts with xai.reduce=sum"):
-            cls(abs=True, reduce="sum", **kw)
-
-
 def test_multiply_by_inputs_needs_a_signed_sum():
-    for kw in ({}, {"reduce": "l2"}, {"abs": True}):
+    for kw in ({}, {"reduce": "l2"}, {"reduce": "sum_abs"}):
         with pytest.raises(HarnessError, match=r"xai.multiply_by_inputs=true .*set xai.reduce=sum"):
             SmoothGrad(multiply_by_inputs=True, **kw)
-    assert SmoothGrad(multiply_by_inputs=True, abs=False).reduce == "sum"
+    assert SmoothGrad(multiply_by_inputs=True, reduce="sum").reduce == "sum"
 
 
 def test_normalized_needs_a_classifier(data):
@@ -199,14 +178,12 @@ def test_normalized_needs_a_classifier(data):
             ex(plain, x, t)
 
 
-def test_yaml_defaults_and_the_old_override(data):
+def test_yaml_defaults(data):
     model, x, t = data
     sal = instantiate(make_cfg(["xai=saliency"]).xai)
     assert (sal.reduce, sal.space) == ("max_abs", "pixel")
-    np.testing.assert_array_equal(sal(model, x, t), Saliency(abs=True)(model, x, t))
+    np.testing.assert_array_equal(sal(model, x, t), Saliency(reduce="max_abs")(model, x, t))
     sg = instantiate(make_cfg(["xai=smoothgrad"]).xai)
     assert (sg.reduce, sg.space, sg.variant) == ("max_abs", "pixel", "smoothgrad")
-    # commands written for the abs option keep working
-    assert instantiate(make_cfg(["xai=saliency", "xai.abs=false"]).xai).reduce == "sum"
-    assert instantiate(make_cfg(["xai=smoothgrad", "xai.abs=false", "xai.multiply_by_inputs=true"]).xai).reduce == "sum"
+    assert instantiate(make_cfg(["xai=smoothgrad", "xai.reduce=sum", "xai.multiply_by_inputs=true"]).xai).reduce == "sum"
     assert instantiate(make_cfg(["xai=saliency", "xai.reduce=l2", "xai.space=normalized"]).xai).space == "normalized"

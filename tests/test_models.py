@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -43,7 +44,7 @@ def test_preprocess_resizes_crops_and_keeps_masks_aligned():
 def test_timm_model_by_name_random_weights():
     clf = timm_model("resnet18", num_classes=5)
     crop_pct = clf.net.pretrained_cfg["crop_pct"]  # preprocessing comes from timm's pretrained_cfg
-    assert clf.input_size == 224 and clf.resize == round(224 / crop_pct)
+    assert clf.input_size == 224 and clf.resize == math.floor(224 / crop_pct)  # as timm's eval transform
     assert clf(torch.rand(1, 3, 224, 224)).shape == (1, 5)
     with pytest.raises(HarnessError, match="no model"):
         timm_model("resnet_does_not_exist")

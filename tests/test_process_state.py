@@ -21,8 +21,8 @@ from conftest import ROOT, make_cfg
 # The cheapest job: a timm ViT with random weights (made from the job's seed, no training),
 # three images, two sampled answers per image (so the consistency metric and its TF-IDF
 # fallback run), a short SRG curve (so the curves figure is drawn), no stage caches.
-CHEAP = ["model=timm", "model.name=vit_tiny_patch16_224", "model.num_classes=4", "model.input_size=32",
-         "+model.model_kwargs={img_size:32,patch_size:8,embed_dim:32,depth:2,num_heads:2}",
+CHEAP = ["model=timm", "model.name=vit_tiny_patch16_224", "model.num_classes=4",
+         *(f"model.kwargs.{k}" for k in ("img_size=32", "patch_size=8", "embed_dim=32", "depth=2", "num_heads=2")),
          "dataset.n=3", "metrics=[srg]", "metrics.srg.steps=4", "text_metrics=[consistency,readability]",
          "mllm.decoding.num_samples=2", "mllm.decoding.do_sample=true", "isolation=never", "resume=false", "cache.dir=null", "language.cache_dir=null"]
 JOBS = {"lime": ["xai=lime", "xai.num_samples=64", "xai.segmentation=grid", "xai.patch=8"],

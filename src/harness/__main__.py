@@ -66,9 +66,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from harness.validate import first_job_problem, unknown_option
+    from harness.validate import first_job_problem, open_keys, unknown_option
 
-    argv = sys.argv[1:]
+    sys.argv[1:] = argv = open_keys(sys.argv[1:])
     if problem := (unknown_option(argv, CONF_DIR, CONF_DIR.parent / "experiments")
                    or first_job_problem(argv, CONF_DIR)):
         print(f"harness: error: {problem}", file=sys.stderr)

@@ -3,6 +3,8 @@ logged to MLflow as a summary run (see :mod:`harness.text.sensitivity`)."""
 
 from __future__ import annotations
 
+import sys
+
 import json
 import logging
 import tempfile
@@ -84,4 +86,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from harness.validate import open_keys
+
+    sys.argv[1:] = open_keys(sys.argv[1:])  # model.kwargs.img_size=32 without a `+`
     main()

@@ -30,6 +30,8 @@ from harness.types import HarnessError
 
 OVERRIDE = re.compile(r"^[+]{0,2}(?P<group>[a-z_][a-z0-9_]*)(?:@[^=]*)?=(?P<value>.*)$")
 KEY = re.compile(r"^(?P<key>[A-Za-z_][\w]*(?:\.[\w]+)+)=")
+# keys of an open mapping (constructor arguments such as model.kwargs): set without a `+`
+OPEN_KEY = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?:model_)?kwargs\.\w[\w.]*=")
 
 # lower bounds of numeric options (value >= bound; None always allowed where the option allows it)
 MINIMUM: dict[str, float] = {
@@ -40,6 +42,14 @@ MINIMUM: dict[str, float] = {
     "xai.batch_size": 1, "xai.n_samples": 1, "xai.n_steps": 1, "xai.max_evals": 1, "xai.num_samples": 1,
     "tracking.heartbeat_s": 0.001, "tracking.stale_after_s": 0.001,
 }
+
+
+def open_keys(overrides: list[str]) -> list[str]:
+    """The overrides with each key of an open mapping (``model.kwargs.img_size=32``: any
+    constructor argument) made Hydra's set-or-add ``++model.kwargs.img_size=32``, since a key
+    the YAML does not list could otherwise only be added with ``+``. Entry points that take
+    overrides (``python -m harness``, ``harness.check``) pass them through this."""
+    return [f"++{o}" if OPEN_KEY.match(o) else o for o in overrides]
 
 
 def _choices() -> dict[str, tuple[Any, ...]]:

@@ -21,4 +21,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from harness.validate import open_keys
+
+    sys.argv[1:] = open_keys(sys.argv[1:])  # model.kwargs.img_size=32 without a `+`
     main()

@@ -24,7 +24,7 @@ from torch import nn
 from harness.xai.attention import AttentionRollout, CheferRelevance
 from harness.xai.base import fill_like, image_seed
 from harness.xai.gradcam import GradCAM
-from harness.xai.gradients import InputXGradient, Saliency, SmoothGrad
+from harness.xai.gradients import ABS_REDUCTIONS, InputXGradient, Saliency, SmoothGrad, reduce_channels
 from harness.xai.integrated_gradients import IntegratedGradients
 from harness.xai.kernelshap import KernelShap
 from harness.xai.lime import Lime
@@ -86,11 +86,14 @@ def _(ex: IntegratedGradients, model: nn.Module, x: torch.Tensor) -> Reference:
 def _(ex: Saliency, model: nn.Module, x: torch.Tensor) -> Reference:
     from captum.attr import Saliency as CaptumSaliency
 
+    if ex.space != "pixel":
+        raise NoReference("captum's Saliency takes gradients in pixel space only")
     sal = CaptumSaliency(model)
+    take_abs = ex.reduce in ABS_REDUCTIONS
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> Any:
-        g = sal.attribute(x.detach().requires_grad_(True), target=t, abs=ex.abs)
-        return (g.amax(1) if ex.abs else g.sum(1)).detach().cpu().numpy()
+        g = sal.attribute(x.detach().requires_grad_(True), target=t, abs=take_abs)
+        return reduce_channels(g, ex.reduce).detach().cpu().numpy()
 
     return "captum Saliency", fn
 
@@ -112,15 +115,18 @@ def _(ex: SmoothGrad, model: nn.Module, x: torch.Tensor) -> Reference:
     from captum.attr import NoiseTunnel
     from captum.attr import Saliency as CaptumSaliency
 
+    if ex.space != "pixel":
+        raise NoReference("captum's NoiseTunnel adds noise in pixel space only")
     nt = NoiseTunnel(CaptumSaliency(model))
+    take_abs = ex.reduce in ABS_REDUCTIONS
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> Any:
         stdev = ex.noise_level * float(x.max() - x.min())
-        g = nt.attribute(x, nt_type=ex.variant, nt_samples=ex.n_samples, stdevs=stdev, target=t, abs=ex.abs,
+        g = nt.attribute(x, nt_type=ex.variant, nt_samples=ex.n_samples, stdevs=stdev, target=t, abs=take_abs,
                          nt_samples_batch_size=max(1, ex.batch_size // len(x)))
         if ex.multiply_by_inputs:
             return (g * x).sum(1).detach().cpu().numpy()
-        return (g.amax(1) if ex.abs else g.sum(1)).detach().cpu().numpy()
+        return reduce_channels(g, ex.reduce).detach().cpu().numpy()
 
     return "captum NoiseTunnel(Saliency)", fn
 

@@ -25,10 +25,17 @@ class Classifier(nn.Module):
         net: module mapping normalised ``[N, 3, H, W]`` tensors to logits.
         input_size: side of the square input the network takes.
         mean, std: per-channel normalisation applied inside ``forward``.
-        resize: resize the shorter image side to this before cropping (``None``: resize straight
-            to ``input_size`` when the image has another size).
+        resize: resize the shorter image side to this before the centre crop (``None``: resize
+            straight to ``input_size`` when the image has another size). Sizes and crop offsets
+            are computed as torchvision's ``Resize(resize)`` and ``CenterCrop(input_size)`` do.
+        interpolation: ``bilinear``, ``bicubic``, ``nearest`` or ``lanczos`` for the image.
         info: facts about the model to log (e.g. held-out accuracy from training).
+        sources: where each preprocessing setting came from (``{"input_size": "model.input_size"}``),
+            for the log and ``python -m harness.check``.
     """
+
+    INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+                      "lanczos": Image.LANCZOS}
 
     def __init__(
         self,
@@ -37,13 +44,22 @@ class Classifier(nn.Module):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         resize: int | None = None,
+        interpolation: str = "bilinear",
         info: dict[str, float] | None = None,
+        sources: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
+        if interpolation not in self.INTERPOLATIONS:
+            from harness.types import HarnessError
+
+            raise HarnessError(f"model.interpolation={interpolation!r} is not valid; valid: "
+                               f"{', '.join(self.INTERPOLATIONS)}")
         self.net = net
         self.input_size = int(input_size)
-        self.resize = resize
+        self.resize = None if resize is None else int(resize)
+        self.interpolation = interpolation
         self.info = dict(info or {})
+        self.sources = dict(sources or {})
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -55,11 +71,28 @@ class Classifier(nn.Module):
         if self.resize is None:
             return img if img.size == (s, s) else img.resize((s, s), resample)
         w, h = img.size
-        k = self.resize / min(w, h)
-        img = img.resize((max(s, round(w * k)), max(s, round(h * k))), resample)
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.resize * long / short)  # as torchvision's Resize(int)
+        size = (self.resize, new_long) if w <= h else (new_long, self.resize)
+        if size != (w, h):
+            img = img.resize(size, resample)
         w, h = img.size
-        left, top = (w - s) // 2, (h - s) // 2
+        if w < s or h < s:  # as CenterCrop: pad (black) to the crop size first
+            canvas = Image.new(img.mode, (max(w, s), max(h, s)))
+            canvas.paste(img, ((max(w, s) - w) // 2, (max(h, s) - h) // 2))
+            img, (w, h) = canvas, canvas.size
+        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
         return img.crop((left, top, left + s, top + s))
+
+    def describe(self) -> str:
+        """The preprocessing, one line, each setting grouped with where it came from."""
+        values = {"input_size": self.input_size, "resize": self.resize,
+                  "mean": tuple(round(float(v), 4) for v in self.mean.flatten()),
+                  "std": tuple(round(float(v), 4) for v in self.std.flatten()), "interpolation": self.interpolation}
+        groups: dict[str, list[str]] = {}
+        for key, value in values.items():
+            groups.setdefault(self.sources.get(key, "given"), []).append(f"{key}={value}")
+        return "; ".join(f"{', '.join(parts)} ({source})" for source, parts in groups.items())
 
     def preprocess(
         self, images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None] | None = None
@@ -71,7 +104,7 @@ class Classifier(nn.Module):
         """
         out = []
         for im in images:
-            pil = self._geometry(Image.fromarray(im).convert("RGB"), Image.BILINEAR)
+            pil = self._geometry(Image.fromarray(im).convert("RGB"), self.INTERPOLATIONS[self.interpolation])
             out.append(torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1))
         x = torch.stack(out) if out else torch.zeros(0, 3, self.input_size, self.input_size)
         if masks is None:

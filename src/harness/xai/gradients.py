@@ -25,20 +25,10 @@ def target_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) ->
     return grad
 
 
-def check_reduce(reduce: str, abs_: bool | None, default: str = "max_abs") -> str:
-    """The channel reduction from ``xai.reduce`` and the deprecated ``xai.abs`` (``true`` is
-    ``max_abs``, ``false`` is ``sum``). ``abs`` is honoured while ``reduce`` is at its default
-    (the YAML always passes one, so the default cannot tell "not given" from "given"); a
-    ``reduce`` that says otherwise is an error naming both."""
+def check_reduce(reduce: str) -> str:
     if reduce not in REDUCTIONS:
         raise HarnessError(f"xai.reduce={reduce!r} is not valid; valid: {', '.join(REDUCTIONS)}")
-    if abs_ is None:
-        return reduce
-    legacy = "max_abs" if abs_ else "sum"
-    if reduce in (legacy, default):
-        return legacy
-    raise HarnessError(f"xai.abs={str(bool(abs_)).lower()} (deprecated: it means xai.reduce={legacy}) conflicts "
-                       f"with xai.reduce={reduce}: drop xai.abs and set only xai.reduce")
+    return reduce
 
 
 def check_space(space: str) -> str:
@@ -85,21 +75,13 @@ class Saliency(Explainer):
         space: ``pixel``: the gradient with respect to the [0, 1] image; ``normalized``: with
             respect to the network's normalised input ``(x - mean) / std``, i.e. the pixel
             gradient times ``std`` per channel (needs a harness Classifier).
-        abs: deprecated, use ``reduce``: ``true`` is ``max_abs``, ``false`` is ``sum``.
     """
 
     needs_gradients = True
 
-    def __init__(self, abs: bool | None = None, reduce: str = "max_abs",  # noqa: A002 - the paper's name for it
-                 space: str = "pixel") -> None:
-        self.reduce = check_reduce(reduce, abs)
+    def __init__(self, reduce: str = "max_abs", space: str = "pixel") -> None:
+        self.reduce = check_reduce(reduce)
         self.space = check_space(space)
-
-    @property
-    def abs(self) -> bool:
-        """Whether |gradient| is taken before the channel reduction (what the deprecated
-        ``abs`` option meant; the benchmark's captum references read it)."""
-        return self.reduce in ABS_REDUCTIONS
 
     def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
         return ModelCost(backward=1)
@@ -162,7 +144,6 @@ class SmoothGrad(Explainer):
         space: ``pixel``: noise on and gradients of the [0, 1] image; ``normalized``: noise on
             and gradients of the network's normalised input ``(x - mean) / std`` (needs a
             harness Classifier).
-        abs: deprecated, use ``reduce``: ``true`` is ``max_abs``, ``false`` is ``sum``.
         multiply_by_inputs: multiply the mean (signed) gradient by the input (in ``space``) before
             the channel sum (SmoothGrad × input; needs ``reduce: sum``).
         batch_size: noisy images per backward pass.
@@ -174,11 +155,11 @@ class SmoothGrad(Explainer):
     VARIANTS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
     def __init__(self, n_samples: int = 32, noise_level: float = 0.15, variant: str = "smoothgrad",
-                 abs: bool | None = None, multiply_by_inputs: bool = False, batch_size: int = 256,  # noqa: A002
-                 seed: int = 0, reduce: str = "max_abs", space: str = "pixel") -> None:
+                 reduce: str = "max_abs", space: str = "pixel", multiply_by_inputs: bool = False,
+                 batch_size: int = 256, seed: int = 0) -> None:
         if variant not in self.VARIANTS:
             raise HarnessError(f"xai.variant={variant!r} is not valid; valid: {', '.join(self.VARIANTS)}")
-        self.reduce = check_reduce(reduce, abs)
+        self.reduce = check_reduce(reduce)
         self.space = check_space(space)
         if multiply_by_inputs and self.reduce != "sum":
             raise HarnessError(f"xai.multiply_by_inputs=true multiplies the signed mean gradient by the input and "
@@ -189,12 +170,6 @@ class SmoothGrad(Explainer):
         self.multiply_by_inputs = bool(multiply_by_inputs)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
-
-    @property
-    def abs(self) -> bool:
-        """Whether |gradient| is taken before the channel reduction (what the deprecated
-        ``abs`` option meant; the benchmark's captum references read it)."""
-        return self.reduce in ABS_REDUCTIONS
 
     def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
         """One gradient per noisy copy."""
