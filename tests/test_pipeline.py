@@ -89,7 +89,7 @@ def test_method_the_model_cannot_serve_is_refused_before_work(tmp_path):
     r = run_harness("model=timm", "model.name=resnet18", "model.num_classes=4", "xai=rollout",
                     "dataset.n=2", f"tracking.uri=sqlite:///{tmp_path}/m.db",
                     f"tracking.artifact_location={tmp_path}/a", f"hydra.run.dir={tmp_path}/out")
-    assert r.returncode == 1 and "does not serve this model (ResNet, a CNN)" in r.stderr
+    assert r.returncode == 1 and "does not serve this model (ResNet, not a timm ViT)" in r.stderr
     assert "gradcam" in r.stderr and "rollout" not in r.stderr.split("do:")[1] and "Traceback" not in r.stderr
 
 

@@ -38,9 +38,13 @@ def check_capabilities(explainer: Any, model: Any) -> None:
         raise HarnessError(f"{name} needs gradients, but the model has none "
                            "(int8 or TorchScript model?); choose a gradient-free xai option")
     arch = "vit" if is_vit(model) else "cnn"
+    net = getattr(model, "net", model)
+    kind = f"{type(getattr(net, 'model', net)).__name__}, " + ("a timm ViT" if arch == "vit" else "not a timm ViT")
     if arch not in explainer.architectures:
-        raise HarnessError(f"{name} does not serve this model ({type(getattr(model, 'net', model)).__name__}, "
-                           f"a {arch.upper()}); xai options that do: {', '.join(methods_for(arch))}")
+        raise HarnessError(f"{name} does not serve this model ({kind}); xai options that do: "
+                           f"{', '.join(methods_for(arch))}")
+    if (reason := explainer.unsupported(model)) is not None:
+        raise HarnessError(f"{name} does not serve this model ({kind}): {reason}")
 
 
 @dataclass

@@ -10,7 +10,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from harness.models.checkpoint import Checkpoint, load_weights, read_checkpoint, resize_for
@@ -56,16 +55,19 @@ def preprocessing(
     built_here = sources.get("input_size") == built_source and built_source is not None
     if "resize" in explicit and explicit["resize"] is not None:
         values["resize"], sources["resize"] = int(explicit["resize"]), "model.resize"
+    elif "resize" in ck:
+        values["resize"], sources["resize"] = ck["resize"], ck_source
     elif ck.get("crop_pct"):
         values["resize"], sources["resize"] = resize_for(size, ck["crop_pct"]), f"crop_pct {ck['crop_pct']} of {ck_source}"
     elif ck.get("input_size") or built_here:  # a size of its own: no crop percentage of another size
         values["resize"], sources["resize"] = None, ck_source if ck.get("input_size") else built_source
+    elif "resize" in default:
+        values["resize"], sources["resize"] = default["resize"], default_source
     elif default.get("crop_pct"):
         values["resize"] = resize_for(size, default["crop_pct"])
         sources["resize"] = f"crop_pct {default['crop_pct']} of {default_source}"
     else:
-        values["resize"] = default.get("resize")
-        sources["resize"] = default_source
+        values["resize"], sources["resize"] = None, default_source
     for key in ("mean", "std", "interpolation"):
         pick(key, (explicit.get(key), f"model.{key}"), (ck.get(key), ck_source), (default.get(key), default_source))
     values["mean"] = tuple(float(v) for v in (values["mean"] or IMAGENET_MEAN))
@@ -75,7 +77,8 @@ def preprocessing(
         raise HarnessError(f"model.input_size={size} (from {sources['input_size']}), but the network takes "
                            f"{fixed_size} px inputs only: set model.input_size={fixed_size}, or build it for "
                            f"{size} px (model.kwargs.img_size={size}, or model.kwargs.dynamic_img_size=true)")
-    native = built_size or default.get("input_size")
+    # the size the checkpoint records it was trained at, else the one it was built for
+    native = ck.get("input_size") or built_size or default.get("input_size")
     if native is not None and size != int(native):
         log.warning("preprocessing feeds %d px images to a network built for %d px (input_size from %s): "
                     "set model.input_size=%d if that is not meant", size, int(native), sources["input_size"],
@@ -139,7 +142,7 @@ def timm_model(
         net = timm.create_model(name, pretrained=use_hub, **kwargs)
     except HarnessError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure of timm or the hub becomes one message
         if not use_hub:
             raise HarnessError(f"timm.create_model({name!r}, {', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) "
                                f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}") from None
@@ -254,7 +257,7 @@ def torchvision_model(
         load_weights(net, ckpt)
     elif enum is not None:
         try:
-            sd = enum.get_state_dict(progress=False)
+            sd = enum.get_state_dict(progress=False, weights_only=True)  # a cached file runs no code either
         except Exception as e:  # noqa: BLE001 - offline and not cached: say what to do
             import torch.hub
 

@@ -89,11 +89,22 @@ def _load(p: Path) -> Any:
     try:  # timm's training script saves its argparse Namespace: allowed, nothing else that runs code
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickle with code, TorchScript archive
+    except Exception as e:  # noqa: BLE001 - corrupt file, pickle with code, TorchScript archive
         raise HarnessError(
-            f"cannot read checkpoint {p} as tensors only ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+            f"cannot read checkpoint {p} as tensors only ({type(e).__name__}: {_load_error(e)}). "
             "The harness loads no checkpoint that can run code: save the weights alone "
             "(torch.save(model.state_dict(), path), or safetensors) and point at that file") from None
+
+
+def _load_error(e: Exception) -> str:
+    """What torch.load(weights_only=True) found, without its advice to load the file unsafely."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+        return f"it would import {m.group(1)}, code rather than tensors"
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:200] if lines else "no details"
 
 
 def _preprocessing(cfg: Any) -> dict[str, Any]:
@@ -107,8 +118,9 @@ def _preprocessing(cfg: Any) -> dict[str, Any]:
     if size is not None:
         out["input_size"] = int(size[-1] if isinstance(size, list | tuple) else size)
     for key in ("crop_pct", "mean", "std", "interpolation"):
-        if cfg.get(key) is not None:
-            out[key] = cfg[key]
+        # timm's train.py leaves interpolation '' for "the model's own"
+        if (value := cfg.get(key)) is not None and not (isinstance(value, str) and not value):
+            out[key] = value
     if isinstance(out.get("crop_pct"), int | float) and not 0 < out["crop_pct"] <= 1:
         out.pop("crop_pct")
     for key in ("mean", "std"):
@@ -204,8 +216,8 @@ def mismatch_table(net: nn.Module, sd: Mapping[str, torch.Tensor]) -> str | None
     if not (missing or unexpected or shapes):
         return None
     width = max([len("missing from the checkpoint"), *map(len, missing[:TABLE_ROWS])]) + 2
-    lines = [f"{len(missing)} keys missing from the checkpoint, {len(unexpected)} unexpected, "
-             f"{len(shapes)} of another shape", f"  {'missing from the checkpoint':<{width}}unexpected in the checkpoint"]
+    lines = [(f"{len(missing)} keys missing from the checkpoint, {len(unexpected)} unexpected, "
+              f"{len(shapes)} of another shape"), f"  {'missing from the checkpoint':<{width}}unexpected in the checkpoint"]
     for i in range(min(TABLE_ROWS, max(len(missing), len(unexpected)))):
         a = missing[i] if i < len(missing) else ""
         b = unexpected[i] if i < len(unexpected) else ""
@@ -235,4 +247,4 @@ def load_weights(net: nn.Module, checkpoint: Checkpoint | str | os.PathLike, key
 
 def resize_for(input_size: int, crop_pct: float | None) -> int | None:
     """The shorter side before the centre crop, as timm's eval transform computes it."""
-    return None if not crop_pct else int(math.floor(input_size / float(crop_pct)))
+    return None if not crop_pct else math.floor(input_size / float(crop_pct))

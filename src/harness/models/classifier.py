@@ -8,6 +8,7 @@ all live in plain pixel space, whatever the network expects.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -29,12 +30,15 @@ class Classifier(nn.Module):
             straight to ``input_size`` when the image has another size). Sizes and crop offsets
             are computed as torchvision's ``Resize(resize)`` and ``CenterCrop(input_size)`` do.
         interpolation: ``bilinear``, ``bicubic``, ``nearest`` or ``lanczos`` for the image.
+        keep_aspect: ``resize`` sets the shorter side (torchvision's ``Resize(int)``); ``False``:
+            both sides (a square ``resize x resize``, as Hugging Face processors with ``size:
+            {height, width}``), then the centre crop.
         info: facts about the model to log (e.g. held-out accuracy from training).
         sources: where each preprocessing setting came from (``{"input_size": "model.input_size"}``),
             for the log and ``python -m harness.check``.
     """
 
-    INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
+    INTERPOLATIONS: ClassVar[dict[str, int]] = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST,
                       "lanczos": Image.LANCZOS}
 
     def __init__(
@@ -45,6 +49,7 @@ class Classifier(nn.Module):
         std: Sequence[float] = (0.5, 0.5, 0.5),
         resize: int | None = None,
         interpolation: str = "bilinear",
+        keep_aspect: bool = True,
         info: dict[str, float] | None = None,
         sources: dict[str, str] | None = None,
     ) -> None:
@@ -58,6 +63,7 @@ class Classifier(nn.Module):
         self.input_size = int(input_size)
         self.resize = None if resize is None else int(resize)
         self.interpolation = interpolation
+        self.keep_aspect = bool(keep_aspect)
         self.info = dict(info or {})
         self.sources = dict(sources or {})
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -72,7 +78,7 @@ class Classifier(nn.Module):
             return img if img.size == (s, s) else img.resize((s, s), resample)
         w, h = img.size
         short, long = (w, h) if w <= h else (h, w)
-        new_long = int(self.resize * long / short)  # as torchvision's Resize(int)
+        new_long = int(self.resize * long / short) if self.keep_aspect else self.resize  # as torchvision's Resize(int)
         size = (self.resize, new_long) if w <= h else (new_long, self.resize)
         if size != (w, h):
             img = img.resize(size, resample)
@@ -81,7 +87,7 @@ class Classifier(nn.Module):
             canvas = Image.new(img.mode, (max(w, s), max(h, s)))
             canvas.paste(img, ((max(w, s) - w) // 2, (max(h, s) - h) // 2))
             img, (w, h) = canvas, canvas.size
-        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+        left, top = round((w - s) / 2.0), round((h - s) / 2.0)  # as CenterCrop (ties to even)
         return img.crop((left, top, left + s, top + s))
 
     def describe(self) -> str:

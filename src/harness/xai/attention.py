@@ -41,6 +41,14 @@ def _attention_modules(model: nn.Module, method: str) -> list[nn.Module]:
     return mods
 
 
+def _unsupported(model: nn.Module, method: str) -> str | None:
+    try:
+        _attention_modules(model, method)
+    except HarnessError as e:
+        return str(e)
+    return None
+
+
 @contextmanager
 def attention_probs(mods: list[nn.Module]) -> Iterator[dict[int, torch.Tensor]]:
     """During a forward pass, record block ``i``'s attention probabilities ``[N, heads, T, T]``
@@ -121,6 +129,9 @@ class AttentionRollout(Explainer):
         """One forward pass that records the attention."""
         return ModelCost(forward=1)
 
+    def unsupported(self, model: nn.Module) -> str | None:
+        return _unsupported(model, "attention rollout")
+
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mods = _attention_modules(model, "attention rollout")
         _check_start(self.start_layer, len(mods), "attention rollout")
@@ -168,6 +179,9 @@ class CheferRelevance(Explainer):
     def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
         """One gradient (to the attention maps)."""
         return ModelCost(backward=1)
+
+    def unsupported(self, model: nn.Module) -> str | None:
+        return _unsupported(model, "Chefer relevance")
 
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         mods = _attention_modules(model, "Chefer relevance")

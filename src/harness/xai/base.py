@@ -117,6 +117,11 @@ class Explainer:
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def unsupported(self, model: nn.Module) -> str | None:
+        """Why this method cannot serve ``model``, found from its structure before any work
+        (``None``: it can). Methods with structural needs beyond :attr:`architectures` override it."""
+        return None
+
     def model_cost(self, image_size: tuple[int, int]) -> ModelCost | None:
         """The model passes per image this method's algorithm requires at these settings for
         inputs of ``image_size`` (H, W); ``None`` where no such count is meaningful."""

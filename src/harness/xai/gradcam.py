@@ -31,7 +31,9 @@ def capture(module: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def last_conv_stage(model: nn.Module, x: torch.Tensor) -> str:
-    """Name of the last module whose output is a spatial feature map ``[N, C, H, W]`` (H, W > 1)."""
+    """Name of the last module whose output is a spatial feature map ``[N, C, H, W]`` (H, W > 1)
+    of the images themselves: probed with two images, so a map of windows or patches (a Swin's
+    window partition) is not taken for one."""
     net = network(model)
     found: list[str] = []
     handles = []
@@ -39,10 +41,11 @@ def last_conv_stage(model: nn.Module, x: torch.Tensor) -> str:
         if name and not list(m.children()):
             handles.append(m.register_forward_hook(
                 lambda _m, _i, out, name=name: found.append(name)
-                if isinstance(out, torch.Tensor) and out.ndim == 4 and min(out.shape[2:]) > 1 else None))
+                if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[0] == 2 and min(out.shape[2:]) > 1
+                else None))
     try:
         with torch.no_grad():
-            model(x[:1])
+            model(torch.cat([x[:1], x[:1]]))
     finally:
         for h in handles:
             h.remove()
@@ -109,8 +112,9 @@ class GradCAM(Explainer):
             prefix = getattr(net, "num_prefix_tokens", 1)
             gh, gw = net.patch_embed.grid_size
             act, grad = (t[:, prefix:].transpose(1, 2).reshape(len(x), -1, gh, gw) for t in (act, grad))
-        elif act.ndim != 4:
-            raise HarnessError(f"Grad-CAM needs a [N, C, H, W] or token output, got {tuple(act.shape)}")
+        elif act.ndim != 4 or len(act) != len(x):
+            raise HarnessError(f"Grad-CAM needs a [N, C, H, W] or token output with one map per image, got "
+                               f"{tuple(act.shape)} for {len(x)} images: set xai.layer to such a module")
         cam = (grad.mean(dim=(2, 3), keepdim=True) * act).sum(1, keepdim=True)
         if self.relu:
             cam = cam.clamp_min(0)

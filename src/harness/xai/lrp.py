@@ -422,6 +422,9 @@ class LRP(Explainer):
         self.gamma = float(gamma)
         self.stabilizer = float(stabilizer)
 
+    def unsupported(self, model: nn.Module) -> str | None:
+        return unsupported(network(model))
+
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         net = network(model)
         mean, std = getattr(model, "mean", None), getattr(model, "std", None)

@@ -510,9 +510,16 @@ class TransformerLRP(Explainer):
         self.gamma_linear, self.gamma_conv = float(gamma_linear), float(gamma_conv)
         self._abs_weights = AbsWeights()  # |W| of the γ-rule, across calls (see AbsWeights)
 
+    def unsupported(self, model: nn.Module) -> str | None:
+        try:
+            _check_supported(network(model), self.mode)
+        except HarnessError as e:
+            return str(e)
+        return None
+
     def explain(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         net = network(model)
-        _check_supported(net, "attnlrp" if self.mode == "attnlrp" else "cplrp")
+        _check_supported(net, self.mode)
         x = x.detach().requires_grad_(True)
         with lrp_rules(net, self.mode, self.rule, self.epsilon, self.gamma_linear, self.gamma_conv,
                        self._abs_weights), \
