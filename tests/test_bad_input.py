@@ -58,3 +58,12 @@ def test_a_config_mistake_is_one_line_before_any_heavy_import(tmp_path, cmd, say
     assert lines == [lines[0]] and lines[0].startswith("harness: error: ") and says in lines[0], lines
     assert not {"torch", "mlflow", "timm"} & imported  # found before the heavy imports
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "a").exists()  # nothing recorded
+
+
+def test_a_group_set_to_null_says_how_to_drop_it():
+    from harness import CONF_DIR
+    from harness.validate import unknown_option
+
+    assert unknown_option(["mllm=null"], CONF_DIR, CONF_DIR.parent / "experiments") == \
+        "mllm=null: a config group is dropped with ~mllm, not set to null"
+    assert unknown_option(["~mllm", "xai=ig"], CONF_DIR, CONF_DIR.parent / "experiments") is None

@@ -80,6 +80,8 @@ def unknown_option(argv: list[str], conf_dir: Path, experiments_dir: Path) -> st
         folder = experiments_dir / "experiment" if group == "experiment" else conf_dir / group
         if not folder.is_dir() or any(c in value for c in "()$"):
             continue
+        if value == "null":
+            return f"{group}=null: a config group is dropped with ~{group}, not set to null"
         valid = options(folder)
         for v in (x.strip() for x in value.strip("[]").split(",")):
             if v and v != "null" and v not in valid:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -258,14 +259,18 @@ def torchvision_model(
     elif enum is not None:
         try:
             sd = enum.get_state_dict(progress=False, weights_only=True)  # a cached file runs no code either
-        except Exception as e:  # noqa: BLE001 - offline and not cached: say what to do
+        except Exception as e:  # noqa: BLE001 - offline and not cached, or a bad file: say which
             import torch.hub
 
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
+            if cached.is_file():
+                raise HarnessError(f"torchvision weights {name}.{enum.name} in the cache ({cached}) cannot be read "
+                                   f"as tensors only ({type(e).__name__}: {str(e).splitlines()[0][:200]}); replace "
+                                   "the file, or give a local file as model.checkpoint=/path/to/weights.pth") from None
             raise HarnessError(
-                f"torchvision weights {name}.{enum.name} are not in the cache ({torch.hub.get_dir()}/checkpoints/"
-                f"{enum.url.rsplit('/', 1)[-1]}) and could not be downloaded ({type(e).__name__}). Copy that file "
-                "there (or set TORCH_HOME to a folder whose hub/checkpoints holds it), or give a local file as "
-                "model.checkpoint=/path/to/weights.pth") from None
+                f"torchvision weights {name}.{enum.name} are not in the cache ({cached}) and could not be downloaded "
+                f"({type(e).__name__}). Copy that file there (or set TORCH_HOME to a folder whose hub/checkpoints "
+                "holds it), or give a local file as model.checkpoint=/path/to/weights.pth") from None
         net.load_state_dict(sd)
     default: dict[str, Any] = {"input_size": 224, "resize": 256, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
                                "interpolation": "bilinear"}
