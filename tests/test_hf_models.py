@@ -126,11 +126,15 @@ def test_missing_folder_and_offline_hub_name_say_what_to_do(tmp_path, monkeypatc
         hf_model(str(tmp_path / "empty"))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "torchvision"])
 def test_every_method_works_or_refuses_before_any_work(folders, kind):
     """Each xai option on each model: maps of the right shape, or a refusal from the capability
     check that runs before the data and predictions; never a late error or a crash."""
-    clf = hf_model(str(folders[kind][0]))
+    from harness.models.builders import torchvision_model
+
+    torch.manual_seed(0)
+    clf = (torchvision_model("resnet18", num_classes=3, input_size=32) if kind == "torchvision"
+           else hf_model(str(folders[kind][0])))
     x = torch.from_numpy(np.stack(images(2))).permute(0, 3, 1, 2).float() / 255
     t = torch.tensor([0, 2])
     served, refused = [], []
@@ -149,7 +153,7 @@ def test_every_method_works_or_refuses_before_any_work(folders, kind):
     if kind in ("vit", "deit"):
         assert vit_only <= set(served) and "lrp" in refused
     else:
-        assert vit_only <= set(refused) and "lrp" in refused
+        assert vit_only <= set(refused) and ("lrp" in served) == (kind == "torchvision")
     assert {"saliency", "ig", "smoothgrad", "gradcam", "occlusion", "lime", "partition_shap"} <= set(served)
 
 
