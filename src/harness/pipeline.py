@@ -99,6 +99,15 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
         with seconds("explain"):
             maps = attributions(c.explainer, c.model, inputs.x, pred.targets, cache, predictions_key=pred.key,
                                 config=to_plain(cfg.xai), seed=cfg.seed, batch_size=int(cfg.batch_size))
+        concepts = None
+        if hasattr(c.explainer, "concepts"):  # concept-level XAI: atlas, faithfulness, prototypes
+            from harness.xai.concept_stage import concept_stage
+
+            with seconds("concepts"):
+                concepts = concept_stage(
+                    c.explainer, c.model, inputs.x, pred.targets, pred.preds, cache, predictions_key=pred.key,
+                    model_key=pred.model_digest, config=to_plain(cfg.xai), seed=cfg.seed,
+                    batch_size=int(cfg.batch_size))
         with seconds("metrics"):
             results = evaluate(c.metrics, c.model, inputs.x, maps, pred.targets, inputs.masks,
                                explain_fn=lambda m, xx, tt: explain(c.explainer, m, xx, tt, int(cfg.batch_size),
@@ -108,13 +117,18 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
                 c.language, c.data, inputs.x, maps, pred.preds, pred.logits, inputs.masks, rec,
                 n_images=cfg.language.n_images, cache_dir=cfg.language.cache_dir, private=private,
                 **_prompt_names(cfg, context["choices"]))
-        per_image = {k: v for r in results.values() for k, v in r.scores.items()}
+        per_image = {k: v for r in results.values() for k, v in r.scores.items()} | (concepts.scores if concepts else {})
         info = {**score_info(c.metrics, results), **text_info}
         rec.tags({f"{k}.{score}": str(v).lower() for score, i in info.items() for k, v in i.items() if k != "metric"})
         with seconds("artifacts"):
             log_artifacts(rec, c.data, inputs.x, maps, inputs.labels, pred.preds, pred.targets, per_image, results,
                           info, title=str(cfg.xai._target_).rsplit(".", 1)[-1], max_overlays=cfg.max_overlays,
                           private=private)
+            if concepts is not None:
+                from harness.xai.concept_stage import log_concepts
+
+                log_concepts(rec, concepts, c.explainer, c.model, inputs.x, pred.targets, list(c.data.ids),
+                             max_figures=8 if cfg.max_overlays is None else cfg.max_overlays, private=private)
         summary = {
             "accuracy": float((pred.preds == inputs.labels).float().mean()),
             "n_images": float(len(c.data)),

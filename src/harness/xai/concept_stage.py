@@ -1,0 +1,113 @@
+"""The concept stage of a job whose explainer is concept-level (``xai=crp``).
+
+After the attribution stage: each image's concept relevance at the layer (cached by content),
+the concept atlas of the reference images (cached by the model's weights, the reference pixels
+and the settings), concept faithfulness against a random ordering of the same concepts, and the
+distance of each image to the nearest PCX prototype of its predicted class (an outlier above the
+95th percentile of the reference images' own distances). Logged: ``concepts.json`` (per image: top
+concepts, shares, prototype distance), ``atlas.npz`` and, unless the run is private, the figures
+``concepts/atlas.png`` and ``concepts/<image>.png``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.cache import StageCache, digest
+from harness.tracking.artifacts import safe_name
+from harness.xai.concepts import Atlas, build_atlas, concept_faithfulness, prototypes
+
+
+@dataclass
+class ConceptResult:
+    """What the job records: per-image scores (into ``per_image.json`` and the summary) and
+    each image's top concepts."""
+
+    scores: dict[str, np.ndarray]
+    ids: np.ndarray
+    shares: np.ndarray
+    atlas: Atlas
+    reference_pixels: np.ndarray  # uint8 [M, H, W, 3] reference images as the network sees them (the figures')
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _relevance(explainer: Any, model: Any, x: torch.Tensor, t: torch.Tensor, batch_size: int) -> np.ndarray:
+    out = []
+    for i in range(0, len(x), batch_size):
+        _, rel, _ = explainer.layer_relevance(model, x[i:i + batch_size], t[i:i + batch_size])
+        out.append(rel.flatten(2).sum(2).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def concept_stage(explainer: Any, model: Any, x: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
+                  cache: StageCache, *, predictions_key: str, model_key: str, config: Any, seed: int,
+                  batch_size: int) -> ConceptResult:
+    """Concepts, atlas, faithfulness and prototype distances of one job."""
+    layer = explainer.layer_name(model)
+    key = digest("concepts", predictions_key, config, targets.numpy(), int(seed), layer)
+    rel = cache.fetch("concepts", key, lambda: {"relevance": _relevance(explainer, model, x, targets, batch_size)})
+    relevance = rel["relevance"]
+    ref = explainer.reference
+    if ref is None:
+        ref_x, ref_t = x, targets
+    else:
+        ref_x, _ = model.preprocess(ref.images)
+        ref_t = torch.as_tensor(ref.labels)
+    settings = {"layer": layer, "top_m": explainer.top_m, "cnn": repr(explainer.cnn), "vit": repr(explainer.vit)}
+    atlas_key = digest("atlas", model_key, ref_x, ref_t.numpy(), settings)
+
+    def compute_atlas() -> dict[str, np.ndarray]:
+        atlas = build_atlas(explainer, model, ref_x, ref_t, top_m=explainer.top_m, batch_size=batch_size)
+        return {**atlas.arrays(), "reference_relevance": _relevance(explainer, model, ref_x, ref_t, batch_size)}
+
+    stored = cache.fetch("atlas", atlas_key, compute_atlas)
+    ref_rel = np.asarray(stored["reference_relevance"])
+    atlas = Atlas.from_arrays({k: v for k, v in stored.items() if k != "reference_relevance"})
+    k = min(explainer.top_k, relevance.shape[1])
+    ids = np.argsort(-relevance, axis=1, kind="stable")[:, :k]
+    shares = np.take_along_axis(relevance, ids, 1) / np.maximum(np.abs(relevance).sum(1, keepdims=True), 1e-12)
+    rel_t = torch.from_numpy(relevance)
+    faithful = concept_faithfulness(explainer, model, x, targets, rel_t, explainer.n_concepts, seed=seed)
+    shuffled = rel_t[:, torch.randperm(rel_t.shape[1], generator=torch.Generator().manual_seed(seed))]
+    random_order = concept_faithfulness(explainer, model, x, targets, shuffled, explainer.n_concepts, seed=seed)
+    protos = prototypes(ref_rel, ref_t.numpy(), explainer.n_prototypes, seed=seed)
+    distance = protos.distance(relevance, preds.numpy())
+    ref_distance = protos.distance(ref_rel, ref_t.numpy())
+    threshold = {c: float(np.nanpercentile(ref_distance[ref_t.numpy() == c], 95)) for c in protos.classes}
+    outlier = np.array([float(d > threshold.get(int(p), np.inf)) for d, p in zip(distance, preds.numpy())])
+    scores = {"concept_faithfulness": faithful, "concept_faithfulness_random": random_order,
+              "top_concept_share": shares[:, 0], "prototype_distance": distance, "prototype_outlier": outlier}
+    info = {"layer": layer, "n_concepts": int(relevance.shape[1]), "n_reference": len(ref_x)}
+    pixels = (ref_x.numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+    return ConceptResult(scores, ids, shares, atlas, pixels, info)
+
+
+def log_concepts(rec: Any, result: ConceptResult, explainer: Any, model: Any, x: torch.Tensor, targets: torch.Tensor,
+                 ids: list[str], max_figures: int | None, private: bool) -> None:
+    """``concepts.json``, ``atlas.npz`` and (not private) the atlas and per-image figures."""
+    from harness.render.concepts import atlas_figure, concept_figure
+
+    rows = [{"image_id": i, "layer": result.info["layer"], "concepts": [int(c) for c in cs],
+             "shares": [round(float(s), 6) for s in sh],
+             **{k: (None if not np.isfinite(v[n]) else float(v[n])) for k, v in result.scores.items()}}
+            for n, (i, cs, sh) in enumerate(zip(ids, result.ids, result.shares))]
+    rec.text(json.dumps(rows, indent=1), "concepts.json")
+    with rec.folder() as tmp:
+        np.savez_compressed(tmp / "atlas.npz", **result.atlas.arrays())
+        if not private:
+            (tmp / "concepts").mkdir()
+            ref_pixels = list(result.reference_pixels)
+            atlas_figure(result.atlas, ref_pixels, tmp / "concepts" / "atlas.png")
+            n = len(ids) if max_figures is None else min(int(max_figures), len(ids))
+            if n:
+                k = result.ids.shape[1]
+                maps = explainer.conditional(model, x[:n], targets[:n], torch.from_numpy(result.ids[:n]))
+                pixels = (x[:n].numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+                for j in range(n):
+                    concept_figure(pixels[j], maps[j].numpy(), result.ids[j, :k], result.shares[j, :k], result.atlas,
+                                   ref_pixels, tmp / "concepts" / f"{safe_name(ids[j])}.png", title=ids[j])
