@@ -190,3 +190,36 @@ def test_atlases_of_the_real_classifiers(model, dataset, n, tmp_path):
     boxes = atlas.relevance_boxes[atlas.top_concepts(5)]
     assert ((boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])).all()
     assert (boxes[..., 2] <= x.shape[-2]).all() and (boxes[..., 3] <= x.shape[-1]).all()
+
+
+def test_the_verbaliser_names_where_the_shortcut_concept_lives(shortcut_models, tmp_path):
+    """render=concepts and the verbaliser on the mark-trained model: the picture has a row per
+    concept, and the words say the top concept's reference patches sit in the upper left."""
+    from harness.cache import StageCache
+    from harness.mllm.base import Request
+    from harness.mllm.verbaliser import Verbaliser
+    from harness.render.views import Concepts
+    from harness.xai.concept_stage import concept_stage
+
+    model = shortcut_models["mark"]
+    test = make_shapes(n=8, split="test", spurious_prob=1.0)
+    x, y = tensor(test.images), torch.as_tensor(test.labels)
+    crp = CRP(top_k=3, reference=make_shapes(n=128, split="val", spurious_prob=0.5), top_m=6, n_concepts=8)
+    result = concept_stage(crp, model, x, y, y, StageCache(None), predictions_key="k", model_key="m", config={},
+                           seed=0, batch_size=64, n_views=2)
+    assert len(result.views) == 2 and len(result.views[0]) == 3
+    (picture,) = Concepts(size=None)(x[0].numpy().transpose(1, 2, 0), np.zeros((32, 32)), result.views[0])
+    assert picture.size[1] == 4 * (72 + 6)  # the image and one row per concept
+    req = Request([picture], "", None, np.ones((32, 32)), "circle", 90.0, None, result.views[0])
+    (answer,), = Verbaliser().generate([req])
+    assert "It relied most on 3 concepts. 1. Concept" in answer.text
+    first = answer.text.split("1. Concept")[1].split("2. Concept")[0]
+    assert "in the upper left (" in first and "of their images" in first, first
+
+
+def test_render_concepts_needs_a_concept_explainer():
+    from harness.components import build_components
+    from harness.types import HarnessError
+
+    with pytest.raises(HarnessError, match=r"render=concepts draws an image's concepts.*use it with xai=crp"):
+        build_components(make_cfg(["render=concepts", "xai=ig", "dataset=npz", "dataset.path=/nonexistent.npz"]))

@@ -77,6 +77,9 @@ def build_components(cfg: Any) -> Components:
     language = None if cfg.get("mllm") is None else Language(
         build(cfg.render), build(cfg.prompt), build(cfg.mllm),
         {name: build(m) for name, m in (cfg.get("text_metrics") or {}).items()})
+    if language is not None and getattr(language.renderer, "needs_concepts", False) and not hasattr(explainer, "concepts"):
+        raise HarnessError(f"render=concepts draws an image's concepts, which {type(explainer).__name__} does not "
+                           "give: use it with xai=crp")
     if language is not None and cfg.get("privacy") is not None and cfg.privacy.enabled:
         from harness.mllm.stage import check_privacy
 

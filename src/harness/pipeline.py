@@ -103,11 +103,13 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
         if hasattr(c.explainer, "concepts"):  # concept-level XAI: atlas, faithfulness, prototypes
             from harness.xai.concept_stage import concept_stage
 
+            n_lang = 0 if c.language is None else len(c.data) if cfg.language.n_images is None else cfg.language.n_images
+            n_fig = 8 if cfg.max_overlays is None else int(cfg.max_overlays)
             with seconds("concepts"):
                 concepts = concept_stage(
                     c.explainer, c.model, inputs.x, pred.targets, pred.preds, cache, predictions_key=pred.key,
                     model_key=pred.model_digest, config=to_plain(cfg.xai), seed=cfg.seed,
-                    batch_size=int(cfg.batch_size))
+                    batch_size=int(cfg.batch_size), n_views=max(int(n_lang), n_fig))
         with seconds("metrics"):
             results = evaluate(c.metrics, c.model, inputs.x, maps, pred.targets, inputs.masks,
                                explain_fn=lambda m, xx, tt: explain(c.explainer, m, xx, tt, int(cfg.batch_size),
@@ -116,6 +118,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
             records, text_scores, text_info = ([], {}, {}) if c.language is None else language_stage(
                 c.language, c.data, inputs.x, maps, pred.preds, pred.logits, inputs.masks, rec,
                 n_images=cfg.language.n_images, cache_dir=cfg.language.cache_dir, private=private,
+                concepts=None if concepts is None else concepts.views,
                 **_prompt_names(cfg, context["choices"]))
         per_image = {k: v for r in results.values() for k, v in r.scores.items()} | (concepts.scores if concepts else {})
         info = {**score_info(c.metrics, results), **text_info}
@@ -127,8 +130,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
             if concepts is not None:
                 from harness.xai.concept_stage import log_concepts
 
-                log_concepts(rec, concepts, c.explainer, c.model, inputs.x, pred.targets, list(c.data.ids),
-                             max_figures=8 if cfg.max_overlays is None else cfg.max_overlays, private=private)
+                log_concepts(rec, concepts, inputs.x, list(c.data.ids), private=private, n_figures=n_fig)
         summary = {
             "accuracy": float((pred.preds == inputs.labels).float().mean()),
             "n_images": float(len(c.data)),

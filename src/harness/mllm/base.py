@@ -12,9 +12,24 @@ from harness.types import HarnessError
 
 
 @dataclass
+class Concept:
+    """One concept of an image (``xai=crp``): its channel, share of the layer's relevance,
+    conditional heatmap ``[H, W]``, reference patches (uint8 ``[h, w, 3]``) with their boxes
+    ``(top, left, bottom, right)`` in their own images, and the size of those images."""
+
+    channel: int
+    share: float
+    heatmap: np.ndarray
+    patches: list[np.ndarray]
+    boxes: list[tuple[int, int, int, int]]
+    reference_size: tuple[int, int]
+
+
+@dataclass
 class Request:
     """One question about one image: what the MLLM is shown and asked, plus what a non-LLM
-    baseline reads instead (the attribution map, the predicted label, the object mask)."""
+    baseline reads instead (the attribution map, the predicted label, the object mask, the
+    concepts)."""
 
     images: list[Image.Image]
     prompt: str
@@ -23,6 +38,7 @@ class Request:
     label: str = ""
     score: float | None = None
     mask: np.ndarray | None = None
+    concepts: list[Concept] | None = None
 
 
 @dataclass

@@ -161,13 +161,14 @@ def check_privacy(language: Any, allow_hosts: list[str]) -> None:
 
 def language_stage(language: Any, data: Any, x: Any, maps: np.ndarray, preds: Any, logits: Any,
                    masks: np.ndarray | None, rec: Any, *, n_images: int | None, method: str, classifier: str,
-                   cache_dir: Any, private: bool = False
+                   cache_dir: Any, private: bool = False, concepts: list[list[Any]] | None = None,
                    ) -> tuple[list[Record], dict[str, np.ndarray], dict[str, dict[str, Any]]]:
     """Render the first ``n_images`` explanations (None: all) with ``language`` (a
     :class:`harness.components.Language`), ask the MLLM about each, score the answers, and log
     the rendered images (``rendered/``; not with ``private``) and the answers with their scores
     (table ``answers.json``, ``answers.jsonl``). ``method`` and ``classifier`` are how the prompt
-    names them. Returns the records, the text scores (one value per record) and their metadata."""
+    names them. ``concepts`` (``xai=crp``): each image's concepts, for ``render=concepts`` and the
+    verbaliser. Returns the records, the text scores (one value per record) and their metadata."""
     import pandas as pd
     from PIL import Image
 
@@ -185,14 +186,16 @@ def language_stage(language: Any, data: Any, x: Any, maps: np.ndarray, preds: An
             score = float(probs[i, p]) * 100
             system, user = language.prompt.render(label=name_of(p), true_label=name_of(int(data.labels[i])),
                                                   score=f"{score:.0f}", method=method, classifier=classifier)
-            images = language.renderer(x[i].numpy().transpose(1, 2, 0), maps[i])
+            own = concepts[i] if concepts is not None and i < len(concepts) else None
+            extra = {"concepts": own} if getattr(language.renderer, "needs_concepts", False) else {}
+            images = language.renderer(x[i].numpy().transpose(1, 2, 0), maps[i], **extra)
             files.append([] if private else
                          [f"rendered/{i:05d}_{safe_name(data.ids[i])}_{j}.png" for j in range(len(images))])
             for img, f in zip(images, files[-1]):
                 if not private:
                     img.save(tmp / Path(f).name)
             requests.append(Request(images, user, system, maps[i], name_of(p), score,
-                                    None if masks is None else masks[i]))
+                                    None if masks is None else masks[i], own))
     json_answers = language.prompt.response_format == "json"
     records = ask(language.mllm, requests, data.ids[:n], AnswerCache(cache_dir), files, json_answers)
     contexts = {data.ids[i]: Context(requests[i].label, list(names), maps[i], requests[i].mask,

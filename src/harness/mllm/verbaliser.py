@@ -41,6 +41,50 @@ def mass_grid(attribution: np.ndarray) -> np.ndarray:
     return grid / total if total > 0 else grid
 
 
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 220, 40),
+           "magenta": (210, 40, 210), "cyan": (40, 210, 220), "orange": (240, 140, 30), "brown": (130, 80, 40),
+           "white": (240, 240, 240), "grey": (128, 128, 128), "black": (20, 20, 20)}
+
+
+def colour_name(rgb: np.ndarray) -> str:
+    """The nearest of a few colour words to an RGB triple (0-255)."""
+    names = list(COLOURS)
+    d = np.linalg.norm(np.asarray([COLOURS[n] for n in names], float) - np.asarray(rgb, float), axis=1)
+    return names[int(d.argmin())]
+
+
+def _share_words(names: list[str], prefix: str = "", mixed: str = "of mixed colours") -> str:
+    """``mostly <prefix><most common> (n of m)`` when one word holds most, else ``mixed (...)``."""
+    top, n = max(((x, names.count(x)) for x in set(names)), key=lambda t: (t[1], t[0]))
+    if 2 * n > len(names):
+        return f"{'all' if n == len(names) and n > 1 else 'mostly'} {prefix}{top} ({n} of {len(names)})"
+    return f"{mixed} ({', '.join(sorted(set(names)))})"
+
+
+def describe_concepts(req: Request) -> str:
+    """The concepts of ``req`` in words: where each lies in this image (and how much of it on
+    the object, where the mask is known), and what its reference patches share: their colour and
+    where they sit in their own images."""
+    parts = []
+    for i, c in enumerate(req.concepts or [], start=1):
+        grid = mass_grid(c.heatmap)
+        where = region_name(*divmod(int(grid.argmax()), 3)) if grid.sum() > 0 else "nowhere in particular"
+        text = f"{i}. Concept {c.channel} ({c.share:.0%} of the relevance): in this image it lies in the {where}"
+        if req.mask is not None and np.asarray(req.mask).any():
+            pos = np.clip(np.nan_to_num(c.heatmap), 0, None)
+            if pos.sum() > 0:
+                text += f", {pos[np.asarray(req.mask, bool)].sum() / pos.sum():.0%} of it on the object"
+        if c.patches:
+            colours = [colour_name(np.median(p.reshape(-1, 3), 0)) for p in c.patches]
+            h, w = c.reference_size
+            cells = [region_name(min((b[0] + b[2]) * 3 // (2 * h), 2), min((b[1] + b[3]) * 3 // (2 * w), 2))
+                     for b in c.boxes]
+            text += (f"; its reference patches are {_share_words(colours)} and lie "
+                     f"{_share_words(cells, 'in the ', 'in several places')} of their images")
+        parts.append(text + ".")
+    return " ".join(parts)
+
+
 class Verbaliser(MLLM):
     """States where the attribution mass lies, deterministically and without any model.
 
@@ -48,7 +92,9 @@ class Verbaliser(MLLM):
     ... lower right) that together hold at least ``min_share`` of the positive attribution mass,
     largest first with their shares, the location of the peak, and, where an object mask is
     known, the share of the mass on the object and the share of the object covered by the top
-    ``top_share`` of pixels. It is what the harness answers with when no LLM is available, and a
+    ``top_share`` of pixels. With concepts (``xai=crp``) it then describes each concept: where it
+    lies in the image, its share of the object, and the colour and position its reference
+    patches share. It is what the harness answers with when no LLM is available, and a
     reference point for LLM answers. ``decoding`` is accepted and recorded but changes nothing.
     """
 
@@ -99,6 +145,8 @@ class Verbaliser(MLLM):
         for req in requests:
             t0 = time.perf_counter()
             text = self.describe(req)
+            if req.concepts:
+                text += f" It relied most on {len(req.concepts)} concepts. " + describe_concepts(req)
             out.append([Answer(text, time.perf_counter() - t0, None, len(text.split()), "stop")]
                        * self.decoding.num_samples)
         return out

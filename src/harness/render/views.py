@@ -204,3 +204,49 @@ class Box(Renderer):
         ImageDraw.Draw(out).rectangle([left * sx, top * sy, (right + 1) * sx - 1, (bottom + 1) * sy - 1],
                                       outline=self.color, width=self.width)
         return [out]
+
+
+class Concepts(Renderer):
+    """The image beside its top concepts (``xai=crp``), one row each: the concept's conditional
+    heatmap over the image, then its reference patches (where the model used the same concept in
+    other images), numbered as the prompt counts them.
+
+    Args:
+        n_patches: reference patches per concept.
+        patch: side of each patch in the picture.
+    """
+
+    needs_concepts: ClassVar[bool] = True
+    kind: ClassVar[str] = "concepts"
+
+    def __init__(self, n_patches: int = 4, patch: int = 72, size: int | None = 336) -> None:
+        super().__init__(size)
+        self.n_patches, self.patch = int(n_patches), int(patch)
+
+    def __call__(self, image: np.ndarray, attribution: np.ndarray, concepts: list | None = None) -> list[Image.Image]:
+        if not concepts:
+            raise HarnessError("render=concepts shows an image's concepts: use it with xai=crp")
+        img, _ = self._check(image, attribution)
+        p, gap = self.patch, max(2, self.patch // 12)
+        rows = len(concepts) + 1
+        cols = self.n_patches + 1
+        canvas = Image.new("RGB", (cols * (p + gap) + 28, rows * (p + gap)), "white")
+        draw = ImageDraw.Draw(canvas)
+        base = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+        canvas.paste(Image.fromarray(base).resize((p, p), Image.BICUBIC), (28, 0))
+        for r, c in enumerate(concepts, start=1):
+            pos = np.clip(np.nan_to_num(np.asarray(c.heatmap, dtype=np.float64)), 0, None)
+            heat = (pos / pos.max() if pos.max() > 0 else pos)[..., None]  # each concept to its own peak
+            red = np.zeros_like(img)
+            red[..., 0] = 1.0
+            mixed = img * (1 - 0.65 * heat) + red * 0.65 * heat
+            y = r * (p + gap)
+            draw.text((2, y + p // 2 - 6), str(r), fill="black")
+            canvas.paste(_to_pil(mixed, None).resize((p, p), Image.BICUBIC), (28, y))
+            for j, patch in enumerate(c.patches[: self.n_patches]):
+                canvas.paste(Image.fromarray(patch).resize((p, p), Image.NEAREST), (28 + (j + 1) * (p + gap), y))
+        if self.size is not None:
+            w, h = canvas.size
+            k = self.size / min(w, h)
+            canvas = canvas.resize((round(w * k), round(h * k)), Image.BICUBIC) if k > 1 else canvas
+        return [canvas]

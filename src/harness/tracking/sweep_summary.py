@@ -16,7 +16,7 @@ import yaml
 
 from hydra.experimental.callback import Callback
 
-STAGES = ("predict", "explain", "metrics", "language", "artifacts")
+STAGES = ("predict", "explain", "concepts", "metrics", "language", "artifacts")  # concepts: xai=crp only
 
 
 def job_status(jobs: dict[int, list[str]], skipped: set[int], runs: list[Any]) -> list[dict[str, Any]]:
@@ -61,7 +61,8 @@ def summarise(runs: list[Any], jobs: list[dict[str, Any]], n_skipped_before_laun
             if k.startswith(("cache_hits_", "cache_misses_", "seconds_")) or k == "answer_cache_hits":
                 sums[k] = sums.get(k, 0.0) + v
     out["cache"] = {k: v for k, v in sorted(sums.items()) if k.startswith(("cache_", "answer_"))}
-    out["seconds"] = {s: round(sums.get(f"seconds_{s}", 0.0), 3) for s in STAGES}
+    out["seconds"] = {s: round(sums.get(f"seconds_{s}", 0.0), 3) for s in STAGES
+                      if s != "concepts" or f"seconds_{s}" in sums}
     return out
 
 

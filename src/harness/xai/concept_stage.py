@@ -34,6 +34,7 @@ class ConceptResult:
     atlas: Atlas
     reference_pixels: np.ndarray  # uint8 [M, H, W, 3] reference images as the network sees them (the figures')
     info: dict[str, Any] = field(default_factory=dict)
+    views: list[list[Any]] = field(default_factory=list)  # the first images' concepts (concept_views)
 
 
 def _relevance(explainer: Any, model: Any, x: torch.Tensor, t: torch.Tensor, batch_size: int) -> np.ndarray:
@@ -46,8 +47,9 @@ def _relevance(explainer: Any, model: Any, x: torch.Tensor, t: torch.Tensor, bat
 
 def concept_stage(explainer: Any, model: Any, x: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
                   cache: StageCache, *, predictions_key: str, model_key: str, config: Any, seed: int,
-                  batch_size: int) -> ConceptResult:
-    """Concepts, atlas, faithfulness and prototype distances of one job."""
+                  batch_size: int, n_views: int | None = None) -> ConceptResult:
+    """Concepts, atlas, faithfulness and prototype distances of one job, and the first
+    ``n_views`` images' concepts as views (``None``: all)."""
     layer = explainer.layer_name(model)
     key = digest("concepts", predictions_key, config, targets.numpy(), int(seed), layer)
     rel = cache.fetch("concepts", key, lambda: {"relevance": _relevance(explainer, model, x, targets, batch_size)})
@@ -84,12 +86,41 @@ def concept_stage(explainer: Any, model: Any, x: torch.Tensor, targets: torch.Te
               "top_concept_share": shares[:, 0], "prototype_distance": distance, "prototype_outlier": outlier}
     info = {"layer": layer, "n_concepts": int(relevance.shape[1]), "n_reference": len(ref_x)}
     pixels = (ref_x.numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
-    return ConceptResult(scores, ids, shares, atlas, pixels, info)
+    result = ConceptResult(scores, ids, shares, atlas, pixels, info)
+    result.views = concept_views(result, explainer, model, x, targets, len(x) if n_views is None else n_views)
+    return result
 
 
-def log_concepts(rec: Any, result: ConceptResult, explainer: Any, model: Any, x: torch.Tensor, targets: torch.Tensor,
-                 ids: list[str], max_figures: int | None, private: bool) -> None:
-    """``concepts.json``, ``atlas.npz`` and (not private) the atlas and per-image figures."""
+def concept_views(result: ConceptResult, explainer: Any, model: Any, x: torch.Tensor, targets: torch.Tensor,
+                  n: int) -> list[list[Any]]:
+    """The first ``n`` images' top concepts as :class:`~harness.mllm.base.Concept` (conditional
+    heatmaps from one batched pass, reference patches from the atlas): what ``render=concepts``
+    draws, the verbaliser describes and the figures show."""
+    from harness.mllm.base import Concept
+    from harness.xai.concepts import crop
+
+    n = min(int(n), len(x))
+    if n == 0:
+        return []
+    maps = explainer.conditional(model, x[:n], targets[:n], torch.from_numpy(result.ids[:n])).numpy()
+    ref, atlas = result.reference_pixels, result.atlas
+    size = tuple(ref.shape[1:3])
+    views = []
+    for i in range(n):
+        row = []
+        for j, c in enumerate(result.ids[i]):
+            refs = [(int(k), tuple(int(v) for v in b)) for k, b in zip(atlas.by_relevance[c], atlas.relevance_boxes[c])
+                    if k >= 0]
+            row.append(Concept(int(c), float(result.shares[i, j]), maps[i, j], [crop(ref[k], b) for k, b in refs],
+                               [b for _, b in refs], size))
+        views.append(row)
+    return views
+
+
+def log_concepts(rec: Any, result: ConceptResult, x: torch.Tensor, ids: list[str], private: bool,
+                 n_figures: int = 8) -> None:
+    """``concepts.json``, ``atlas.npz`` and (not private) the atlas figure and one figure for
+    each of the first ``n_figures`` images with views."""
     from harness.render.concepts import atlas_figure, concept_figure
 
     rows = [{"image_id": i, "layer": result.info["layer"], "concepts": [int(c) for c in cs],
@@ -103,11 +134,9 @@ def log_concepts(rec: Any, result: ConceptResult, explainer: Any, model: Any, x:
             (tmp / "concepts").mkdir()
             ref_pixels = list(result.reference_pixels)
             atlas_figure(result.atlas, ref_pixels, tmp / "concepts" / "atlas.png")
-            n = len(ids) if max_figures is None else min(int(max_figures), len(ids))
-            if n:
-                k = result.ids.shape[1]
-                maps = explainer.conditional(model, x[:n], targets[:n], torch.from_numpy(result.ids[:n]))
-                pixels = (x[:n].numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
-                for j in range(n):
-                    concept_figure(pixels[j], maps[j].numpy(), result.ids[j, :k], result.shares[j, :k], result.atlas,
-                                   ref_pixels, tmp / "concepts" / f"{safe_name(ids[j])}.png", title=ids[j])
+            views = result.views[:n_figures]
+            pixels = (x[: len(views)].numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+            for j, row in enumerate(views):
+                concept_figure(pixels[j], np.stack([c.heatmap for c in row]), np.array([c.channel for c in row]),
+                               np.array([c.share for c in row]), result.atlas, ref_pixels,
+                               tmp / "concepts" / f"{safe_name(ids[j])}.png", title=ids[j])

@@ -88,11 +88,24 @@ def at_layer(module: nn.Module, mask: _OneHot | None, store: dict[str, torch.Ten
         if out.requires_grad:
             out.register_hook(on_grad)
 
-    handle = module.register_forward_hook(hook)
+    # The hook must run after the LRP rules' own forward hooks, which are registered later (inside
+    # the explainer's composite context): zennit >= 1.0 wraps a module's output in a new tensor and
+    # takes the rule's incoming relevance there, so a mask on the bare output would never reach the
+    # rule (the conditional map would be the full map). A forward pre-hook adds it, last, per call.
+    posts: list[Any] = []
+
+    def arm(_m: nn.Module, _inp: Any) -> None:
+        while posts:
+            posts.pop().remove()
+        posts.append(module.register_forward_hook(hook))
+
+    handle = module.register_forward_pre_hook(arm)
     try:
         yield
     finally:
         handle.remove()
+        while posts:
+            posts.pop().remove()
 
 
 def channel_relevance(act: torch.Tensor, grad: torch.Tensor, times_input: bool) -> torch.Tensor:
