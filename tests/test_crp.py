@@ -130,6 +130,31 @@ def test_the_shortcut_is_a_concept_of_the_shortcut_model_only(shortcut_models):
     assert max(on_mark["clean"]) < 0.9, on_mark
 
 
+def test_concepts_by_region_and_their_stability(shortcut_models):
+    """With the shapes' object and mark masks: the mark-trained model's top concepts sit mostly on
+    the mark (relevance per pixel), the clean model's on the object or background; split halves
+    of the reference set agree on which concepts matter."""
+    from harness.cache import StageCache
+    from harness.xai.concept_stage import concept_stage
+
+    test = make_shapes(n=8, split="test", spurious_prob=0.5)
+    x, y = tensor(test.images), torch.as_tensor(test.labels)
+    out = {}
+    for name, model in shortcut_models.items():
+        crp = CRP(top_k=2, reference=make_shapes(n=256, split="val", spurious_prob=0.5), top_m=4, n_concepts=6)
+        r = concept_stage(crp, model, x, y, y, StageCache(None), predictions_key="k", model_key=name, config={},
+                          seed=0, batch_size=64, n_views=0)
+        assert list(r.atlas.region_names) == ["object", "mark", "background"]
+        top = r.atlas.region_shares[r.atlas.top_concepts(10)]  # computed for the 10 most relevant concepts
+        np.testing.assert_allclose(top.sum(1), 1.0, atol=1e-6)
+        out[name] = r.summary
+    assert out["mark"]["concepts_in_mark"] >= 8, out
+    assert out["clean"]["concepts_in_mark"] <= 2, out
+    assert out["mark"]["concept_separation"] > 0.6
+    for s in out.values():
+        assert s["concept_stability_spearman"] > 0.5 and s["concept_stability_top10"] > 0.3, out
+
+
 def test_prototypes_flag_an_image_unlike_its_class():
     rng = np.random.default_rng(0)
     a = np.abs(rng.normal([5, 1, 1, 0.1], 0.3, size=(40, 4)))

@@ -142,6 +142,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
             **aggregate(per_image),
             **(language_summary(records, cfg.prompt.get("response_format") == "json") if records else {}),
             **aggregate(text_scores),
+            **(concepts.summary if concepts is not None else {}),
             **{f"seconds_{k}": v for k, v in seconds.items()},
             "wall_seconds": time.perf_counter() - t_start,
         }

@@ -36,7 +36,9 @@ class ImageSet:
 
     ``images`` are uint8 arrays ``[H, W, 3]`` (RGB, sizes may differ); ``masks`` hold a boolean
     ``[H, W]`` ground-truth object mask per image, or ``None`` where none is known; ``skipped``
-    lists ``(id, reason)`` for inputs that could not be read.
+    lists ``(id, reason)`` for inputs that could not be read; ``regions`` holds further named
+    boolean masks, one per image, where the data knows them (``shapes``: ``mark``, the spurious
+    corner mark, empty on images without it).
     """
 
     images: list[np.ndarray]
@@ -45,6 +47,7 @@ class ImageSet:
     class_names: list[str]
     masks: list[np.ndarray | None] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    regions: dict[str, list[np.ndarray]] = field(default_factory=dict)  # more named masks (shapes: the mark)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)

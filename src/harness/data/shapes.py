@@ -122,7 +122,7 @@ def make_shapes(
     if len(classes) > len(_MARK_COLOURS) and spurious_prob > 0:
         raise HarnessError("the spurious mark has colours for at most 6 classes")
     rng = np.random.default_rng([seed, zlib.crc32(split.encode())])
-    images, masks, labels = [], [], []
+    images, masks, labels, marks = [], [], [], []
     for _ in range(n):
         label = int(rng.integers(len(classes)))
         img = _background(rng, image_size, background, noise)
@@ -133,10 +133,14 @@ def make_shapes(
         cx, cy = rng.uniform(margin, image_size - margin, size=2)
         mask = shape_mask(classes[label], image_size, cx, cy, r, rng.uniform(0, 2 * np.pi))
         img[mask] = _colour_far_from(rng, img[~mask].mean(0), min_contrast)
+        mark = np.zeros((image_size, image_size), dtype=bool)
         if spurious_prob > 0 and rng.uniform() < spurious_prob:
             img[:spurious_size, :spurious_size] = _MARK_COLOURS[label]
+            mark[:spurious_size, :spurious_size] = True
+        marks.append(mark)
         images.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
         masks.append(mask)
         labels.append(label)
     ids = [f"shapes-{split}-{seed}-{i:05d}" for i in range(n)]
-    return ImageSet(images=images, labels=np.array(labels), ids=ids, class_names=classes, masks=masks)
+    return ImageSet(images=images, labels=np.array(labels), ids=ids, class_names=classes, masks=masks,
+                    regions={"mark": marks} if spurious_prob > 0 else {})

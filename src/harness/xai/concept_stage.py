@@ -20,7 +20,8 @@ import torch
 
 from harness.cache import StageCache, digest
 from harness.tracking.artifacts import safe_name
-from harness.xai.concepts import Atlas, build_atlas, concept_faithfulness, prototypes
+from harness.xai.concepts import (Atlas, build_atlas, concept_faithfulness, prototypes, region_shares,
+                                  split_half_stability)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ConceptResult:
     atlas: Atlas
     reference_pixels: np.ndarray  # uint8 [M, H, W, 3] reference images as the network sees them (the figures')
     info: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, float] = field(default_factory=dict)  # run-level scores (stability, separation)
     views: list[list[Any]] = field(default_factory=list)  # the first images' concepts (concept_views)
 
 
@@ -43,6 +45,24 @@ def _relevance(explainer: Any, model: Any, x: torch.Tensor, t: torch.Tensor, bat
         _, rel, _ = explainer.layer_relevance(model, x[i:i + batch_size], t[i:i + batch_size])
         out.append(rel.flatten(2).sum(2).float().cpu())
     return torch.cat(out).numpy()
+
+
+def _regions(model: Any, ref: Any) -> dict[str, np.ndarray] | None:
+    """The reference images' object, mark and background as network-input masks ``[M, S, S]``,
+    where the data has object masks (the regions partition each image)."""
+    if ref.masks is None or any(m is None for m in ref.masks):
+        return None
+    _, obj = model.preprocess(ref.images, ref.masks)
+    out = {"object": obj}
+    for name, masks in ref.regions.items():
+        _, m = model.preprocess(ref.images, masks)
+        out[name] = m
+    taken = np.zeros_like(obj)
+    for name in [*ref.regions, "object"]:  # named regions first: a mark over the object counts as the mark
+        out[name] = out[name] & ~taken
+        taken |= out[name]
+    out["background"] = ~taken
+    return out
 
 
 def concept_stage(explainer: Any, model: Any, x: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
@@ -56,15 +76,20 @@ def concept_stage(explainer: Any, model: Any, x: torch.Tensor, targets: torch.Te
     relevance = rel["relevance"]
     ref = explainer.reference
     if ref is None:
-        ref_x, ref_t = x, targets
+        ref_x, ref_t, regions = x, targets, None
     else:
         ref_x, _ = model.preprocess(ref.images)
         ref_t = torch.as_tensor(ref.labels)
-    settings = {"layer": layer, "top_m": explainer.top_m, "cnn": repr(explainer.cnn), "vit": repr(explainer.vit)}
-    atlas_key = digest("atlas", model_key, ref_x, ref_t.numpy(), settings)
+        regions = _regions(model, ref)
+    settings = {"layer": layer, "top_m": explainer.top_m, "cnn": repr(explainer.cnn), "vit": repr(explainer.vit),
+                "regions": None if regions is None else list(regions)}
+    atlas_key = digest("atlas", model_key, ref_x, ref_t.numpy(), settings, list((regions or {}).values()))
 
     def compute_atlas() -> dict[str, np.ndarray]:
         atlas = build_atlas(explainer, model, ref_x, ref_t, top_m=explainer.top_m, batch_size=batch_size)
+        if regions is not None:
+            atlas.region_shares = region_shares(explainer, model, atlas, ref_x, ref_t, regions, atlas.top_concepts(10))
+            atlas.region_names = np.array(list(regions))
         return {**atlas.arrays(), "reference_relevance": _relevance(explainer, model, ref_x, ref_t, batch_size)}
 
     stored = cache.fetch("atlas", atlas_key, compute_atlas)
@@ -86,7 +111,15 @@ def concept_stage(explainer: Any, model: Any, x: torch.Tensor, targets: torch.Te
               "top_concept_share": shares[:, 0], "prototype_distance": distance, "prototype_outlier": outlier}
     info = {"layer": layer, "n_concepts": int(relevance.shape[1]), "n_reference": len(ref_x)}
     pixels = (ref_x.numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
-    result = ConceptResult(scores, ids, shares, atlas, pixels, info)
+    stability = split_half_stability(ref_rel, k=10, seed=seed)
+    summary = {"concept_stability_spearman": stability["spearman"], "concept_stability_top10": stability["top_jaccard"]}
+    if atlas.region_shares is not None:
+        summary["concept_separation"] = atlas.separation(10)
+        top = atlas.region_shares[atlas.top_concepts(10)]
+        top = top[np.isfinite(top).all(1)]
+        for j, name in enumerate(atlas.region_names):  # of the top-10 concepts, how many lie mostly in each region
+            summary[f"concepts_in_{name}"] = float((top.argmax(1) == j).sum())
+    result = ConceptResult(scores, ids, shares, atlas, pixels, info, summary)
     result.views = concept_views(result, explainer, model, x, targets, len(x) if n_views is None else n_views)
     return result
 

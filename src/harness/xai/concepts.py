@@ -45,13 +45,22 @@ class Atlas:
     activation: np.ndarray
     activation_boxes: np.ndarray
     mean_relevance: np.ndarray  # [C]: the concept's mean relevance over the reference images
+    region_shares: np.ndarray | None = None  # [C, R]: share of the concept's relevance in each region (region_shares)
+    region_names: np.ndarray | None = None   # [R]: e.g. object, mark, background
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {k: v for k, v in vars(self).items() if k != "layer"} | {"layer": np.array(self.layer)}
+        return {k: v for k, v in vars(self).items() if k != "layer" and v is not None} | {"layer": np.array(self.layer)}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> Atlas:
         return cls(layer=str(a["layer"]), **{k: np.asarray(v) for k, v in a.items() if k != "layer"})
+
+    def separation(self, k: int = 10) -> float:
+        """How cleanly the ``k`` most relevant concepts each stay in one region: the mean over
+        them of the largest region share (1: every concept in one region only)."""
+        if self.region_shares is None:
+            return float("nan")
+        return float(np.nanmean(self.region_shares[self.top_concepts(k)].max(1)))
 
     @property
     def n_concepts(self) -> int:
@@ -88,6 +97,48 @@ def boxes(grid: np.ndarray, size: tuple[int, int], fraction: float = 0.5) -> np.
         out[i] = (rows.min() * size[0] // h, cols.min() * size[1] // w,
                   -(-(rows.max() + 1) * size[0] // h), -(-(cols.max() + 1) * size[1] // w))
     return out.reshape(*grid.shape[:-2], 4)
+
+
+def region_shares(crp: Any, model: nn.Module, atlas: Atlas, x: torch.Tensor, targets: torch.Tensor,
+                  regions: dict[str, np.ndarray], concepts: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``[C, R]`` (NaN for concepts not asked for): for each of ``concepts``, how its positive
+    conditional relevance on its atlas reference images (``x``: the reference set) is spread over
+    the regions (``regions``: name to ``[M, H, W]`` masks partitioning each image), as relevance per
+    pixel of each region, normalised to sum to 1: a concept on a 3x3 mark is a mark concept even
+    though the mark is 1 % of the image."""
+    masks = np.stack(list(regions.values()), 1)  # [M, R, H, W]
+    out = np.full((atlas.n_concepts, masks.shape[1]), np.nan)
+    rows = [(int(i), int(c)) for c in concepts for i in atlas.by_relevance[c] if i >= 0]
+    if not rows:
+        return out
+    idx = torch.tensor([i for i, _ in rows])
+    ch = torch.tensor([[c] for _, c in rows])
+    maps = np.concatenate([crp.conditional(model, x[idx[j:j + batch_size]], targets[idx[j:j + batch_size]],
+                                           ch[j:j + batch_size])[:, 0].numpy() for j in range(0, len(rows), batch_size)])
+    pos = np.clip(maps, 0, None)
+    region = masks[idx.numpy()].astype(np.float64)
+    mass = np.einsum("nhw,nrhw->nr", pos, region)  # [rows, R]
+    area = region.sum((2, 3))
+    for c in concepts:
+        sel = [j for j, (_, cc) in enumerate(rows) if cc == c]
+        density = mass[sel].sum(0) / np.maximum(area[sel].sum(0), 1)
+        if sel and density.sum() > 0:
+            out[c] = density / density.sum()
+    return out
+
+
+def split_half_stability(relevance: np.ndarray, k: int = 10, seed: int = 0) -> dict[str, float]:
+    """Stability of the concepts across reference sets: the reference images (their relevance
+    ``[M, C]``) split at random into halves; Spearman's correlation of the concepts' mean relevance
+    in the two halves, and the overlap (Jaccard) of their ``k`` most relevant concepts."""
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(relevance))
+    a, b = relevance[order[: len(order) // 2]].mean(0), relevance[order[len(order) // 2:]].mean(0)
+    ta, tb = set(np.argsort(-a)[:k]), set(np.argsort(-b)[:k])
+    rho = spearmanr(a, b).statistic if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
+    return {"spearman": float(rho), "top_jaccard": len(ta & tb) / len(ta | tb)}
 
 
 def build_atlas(crp: Any, model: nn.Module, x: torch.Tensor, targets: torch.Tensor, top_m: int = 8,
