@@ -90,11 +90,10 @@ def concept_stage(explainer: Any, model: Any, x: torch.Tensor, targets: torch.Te
         if regions is not None:
             atlas.region_shares = region_shares(explainer, model, atlas, ref_x, ref_t, regions, atlas.top_concepts(10))
             atlas.region_names = np.array(list(regions))
-        return {**atlas.arrays(), "reference_relevance": _relevance(explainer, model, ref_x, ref_t, batch_size)}
+        return atlas.arrays()
 
-    stored = cache.fetch("atlas", atlas_key, compute_atlas)
-    ref_rel = np.asarray(stored["reference_relevance"])
-    atlas = Atlas.from_arrays({k: v for k, v in stored.items() if k != "reference_relevance"})
+    atlas = Atlas.from_arrays(cache.fetch("atlas", atlas_key, compute_atlas))
+    ref_rel = atlas.per_image
     k = min(explainer.top_k, relevance.shape[1])
     ids = np.argsort(-relevance, axis=1, kind="stable")[:, :k]
     shares = np.take_along_axis(relevance, ids, 1) / np.maximum(np.abs(relevance).sum(1, keepdims=True), 1e-12)

@@ -47,6 +47,7 @@ class Atlas:
     mean_relevance: np.ndarray  # [C]: the concept's mean relevance over the reference images
     region_shares: np.ndarray | None = None  # [C, R]: share of the concept's relevance in each region (region_shares)
     region_names: np.ndarray | None = None   # [R]: e.g. object, mark, background
+    per_image: np.ndarray | None = None      # [M, C]: each reference image's relevance per concept (PCX, stability)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: v for k, v in vars(self).items() if k != "layer" and v is not None} | {"layer": np.array(self.layer)}
@@ -171,7 +172,7 @@ def build_atlas(crp: Any, model: nn.Module, x: torch.Tensor, targets: torch.Tens
 
     by_r, r_vals, r_boxes = top(r, rg, True)
     by_a, a_vals, a_boxes = top(a, ag, False)
-    return Atlas(crp.layer_name(model), by_r, r_vals, r_boxes, by_a, a_vals, a_boxes, r.mean(0))
+    return Atlas(crp.layer_name(model), by_r, r_vals, r_boxes, by_a, a_vals, a_boxes, r.mean(0), per_image=r)
 
 
 def crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
