@@ -190,7 +190,7 @@ def test_a_crp_job_logs_concepts_atlas_and_scores(tmp_path, model):
     (r,) = client.search_runs(["1"])
     names = {a.path for a in client.list_artifacts(r.info.run_id)} | {
         a.path for a in client.list_artifacts(r.info.run_id, "concepts")}
-    assert {"concepts.json", "atlas.npz", "concepts/atlas.png"} <= names
+    assert {"concepts.json", "atlas.npz", "concepts/atlas.png", "concepts/prototypes.png"} <= names
     assert sum(n.startswith("concepts/shapes") for n in names) == 2
     again = run(cfg, {"tags": {}, "choices": {}, "output_dir": None})  # the stages come from the cache
     assert again["cache_hits_atlas"] == 1 and again["cache_hits_concepts"] == 1

@@ -130,7 +130,8 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
             if concepts is not None:
                 from harness.xai.concept_stage import log_concepts
 
-                log_concepts(rec, concepts, inputs.x, list(c.data.ids), private=private, n_figures=n_fig)
+                log_concepts(rec, concepts, inputs.x, list(c.data.ids), private=private, n_figures=n_fig,
+                             class_names=(c.explainer.reference or c.data).class_names)
         summary = {
             "accuracy": float((pred.preds == inputs.labels).float().mean()),
             "n_images": float(len(c.data)),

@@ -93,3 +93,39 @@ def concept_figure(image: np.ndarray, maps: np.ndarray, ids: np.ndarray, shares:
     out = Path(path)
     fig.savefig(out, dpi=110)
     return out
+
+
+def prototype_figure(protos: Any, vectors: np.ndarray, labels: np.ndarray, images: list[np.ndarray], path: str | Path,
+                     class_names: list[str] | None = None, n_images: int = 4, max_classes: int = 8) -> Path | None:
+    """PCX prototypes: one row per class and prototype, the reference images nearest to it (by
+    their concept-relevance vectors) and the prototype's three most relevant concepts."""
+    from matplotlib.figure import Figure
+
+    from harness.xai.concepts import _normalise
+
+    v = _normalise(vectors)
+    rows = [(k, j) for k in protos.classes[:max_classes] for j in range(len(protos.means[k]))]
+    if not rows:
+        return None
+    fig = Figure(figsize=(1.1 * n_images + 1.6, 1.05 * len(rows) + 0.5))
+    axes = fig.subplots(len(rows), n_images, squeeze=False)
+    for r, (k, j) in enumerate(rows):
+        members = np.flatnonzero(labels == k)
+        d = np.linalg.norm(v[members] - protos.means[k][j], axis=1)
+        nearest = members[np.argsort(d, kind="stable")[:n_images]]
+        top = np.argsort(-protos.means[k][j])[:3]
+        for c in range(n_images):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(nearest):
+                ax.imshow(images[nearest[c]])
+            else:
+                ax.axis("off")
+        name = class_names[k] if class_names and k < len(class_names) else str(k)
+        axes[r, 0].set_ylabel(f"{name} #{j + 1}\nconcepts {', '.join(map(str, top))}", fontsize=6)
+    fig.suptitle("PCX prototypes: nearest reference images, top concepts", fontsize=8)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=110)
+    return out

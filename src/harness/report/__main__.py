@@ -132,6 +132,9 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
             files.append(out / "text_metrics.csv")
             md += ["## Text metrics", "", "![text metrics](text_metrics.png)", ""]
 
+    files_c, md_c = _concepts(sweep, runs, out)
+    files += files_c
+    md += md_c
     if len(sweep.summaries):
         s = sweep.summaries.sort_values("start_time")
         keep = [c for c in ("run_name", "source_experiment", "verdict", "sensitivity_statistic", "sensitivity_p_value",
@@ -151,6 +154,38 @@ def build_report(sweep, cfg: DictConfig, out: Path) -> tuple[list[Path], list[st
     if gaps:
         md += ["## Not in this report", "", *(f"- {g}" for g in gaps), ""]
     return files, gaps, "\n".join(md)
+
+
+CONCEPT_SCORES = ("accuracy", "concept_faithfulness", "concept_faithfulness_random", "top_concept_share",
+                  "concept_stability_spearman", "concept_stability_top10", "concept_separation", "concepts_in_object",
+                  "concepts_in_mark", "concepts_in_background", "prototype_outlier")
+
+
+def _concepts(sweep, runs, out: Path) -> tuple[list[Path], list[str]]:
+    """The concept runs (``xai=crp``): their run-level concept scores, and each one's concept atlas."""
+    from harness.report.load import newest
+
+    crp = newest(runs[runs["xai"] == "crp"], ["model", "dataset", "variant"])
+    if not len(crp):
+        return [], []
+    cols = [c for c in CONCEPT_SCORES if c in crp.columns and crp[c].notna().any()]
+    head = ["model", "dataset", "variant", *cols]
+    md = ["## Concepts", "", "Concept scores of the CRP runs (README, Concepts).", "",
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    files = []
+    for k, row in enumerate(crp.itertuples(index=False), start=1):
+        r = row._asdict()
+        md.append("| " + " | ".join(str(r[c]) if c in ("model", "dataset", "variant") else f"{r[c]:.3g}"
+                                    for c in head) + " |")
+    md.append("")
+    for k, row in enumerate(crp.itertuples(index=False), start=1):
+        if (png := sweep.artifact(row.run_id, "concepts/atlas.png")) is not None:
+            name = f"concepts_atlas_{k}.png"
+            (out / name).write_bytes(png.read_bytes())
+            files.append(out / name)
+            md += [f"### Concept atlas: {row.model} on {row.dataset}" + (f" ({row.variant})" if row.variant else ""),
+                   "", f"![atlas]({name})", ""]
+    return files, md
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

@@ -36,6 +36,8 @@ class ConceptResult:
     reference_pixels: np.ndarray  # uint8 [M, H, W, 3] reference images as the network sees them (the figures')
     info: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)  # run-level scores (stability, separation)
+    prototypes: Any = None  # PCX prototypes of the reference images (harness.xai.concepts.Prototypes)
+    reference_labels: np.ndarray | None = None
     views: list[list[Any]] = field(default_factory=list)  # the first images' concepts (concept_views)
 
 
@@ -118,7 +120,7 @@ def concept_stage(explainer: Any, model: Any, x: torch.Tensor, targets: torch.Te
         top = top[np.isfinite(top).all(1)]
         for j, name in enumerate(atlas.region_names):  # of the top-10 concepts, how many lie mostly in each region
             summary[f"concepts_in_{name}"] = float((top.argmax(1) == j).sum())
-    result = ConceptResult(scores, ids, shares, atlas, pixels, info, summary)
+    result = ConceptResult(scores, ids, shares, atlas, pixels, info, summary, protos, ref_t.numpy())
     result.views = concept_views(result, explainer, model, x, targets, len(x) if n_views is None else n_views)
     return result
 
@@ -150,10 +152,10 @@ def concept_views(result: ConceptResult, explainer: Any, model: Any, x: torch.Te
 
 
 def log_concepts(rec: Any, result: ConceptResult, x: torch.Tensor, ids: list[str], private: bool,
-                 n_figures: int = 8) -> None:
-    """``concepts.json``, ``atlas.npz`` and (not private) the atlas figure and one figure for
-    each of the first ``n_figures`` images with views."""
-    from harness.render.concepts import atlas_figure, concept_figure
+                 n_figures: int = 8, class_names: list[str] | None = None) -> None:
+    """``concepts.json``, ``atlas.npz`` and (not private) the atlas and prototype figures and one
+    figure for each of the first ``n_figures`` images with views."""
+    from harness.render.concepts import atlas_figure, concept_figure, prototype_figure
 
     rows = [{"image_id": i, "layer": result.info["layer"], "concepts": [int(c) for c in cs],
              "shares": [round(float(s), 6) for s in sh],
@@ -166,6 +168,8 @@ def log_concepts(rec: Any, result: ConceptResult, x: torch.Tensor, ids: list[str
             (tmp / "concepts").mkdir()
             ref_pixels = list(result.reference_pixels)
             atlas_figure(result.atlas, ref_pixels, tmp / "concepts" / "atlas.png")
+            prototype_figure(result.prototypes, result.atlas.per_image, result.reference_labels, ref_pixels,
+                             tmp / "concepts" / "prototypes.png", class_names)
             views = result.views[:n_figures]
             pixels = (x[: len(views)].numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
             for j, row in enumerate(views):
