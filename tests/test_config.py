@@ -87,10 +87,17 @@ def test_dataset_options_build(option, tmp_path):
 
 
 @pytest.mark.parametrize("option", options("model"))
-def test_model_options_build(option, cache_dir, trained_vit):
+def test_model_options_build(option, cache_dir, trained_vit, tmp_path):
     if option in ("cifar_resnet20", "mobilenet_v2_imagenet") and not SHARED.is_dir():
         pytest.skip(f"real test data not found at {SHARED}")
+    if option == "hf":  # a tiny ViT as a user's save_pretrained folder
+        import transformers
+
+        transformers.ViTForImageClassification(transformers.ViTConfig(
+            image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, num_labels=3)).save_pretrained(tmp_path / "vit")
     extra = {"timm": ["model.name=vit_tiny_patch16_224", "model.num_classes=3"],
+             "hf": [f"model.path={tmp_path / 'vit'}"],
              "vit_b16_imagenet": ["model.pretrained=false"]}.get(option, [])  # no hub weights here
     cfg = make_cfg([f"model={option}", f"paths.cache_dir={cache_dir}", f"paths.shared_data={SHARED}", *extra])
     model = instantiate(cfg.model)

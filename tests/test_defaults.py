@@ -60,6 +60,7 @@ VARIANTS: dict[tuple[str, str], str] = {
     ("prompt/security_analyst", "audience"): "the prompt's audience",
     ("prompt/security_analyst", "system"): "the prompt's system message",
     ("prompt/structured", "response_format"): "the prompt asks for JSON",
+    ("prompt/concepts", "response_format"): "the prompt asks for JSON (a name per concept)",
     ("text_metrics/judge.judge.mllm", "decoding.max_new_tokens"): "a judge answers with short scores",
     ("xai/cplrp", "mode"): "the option is CP-LRP (attention held constant)",
 }
