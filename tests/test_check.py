@@ -56,3 +56,14 @@ def test_a_bad_option_is_one_line():
     assert "Traceback" not in r.stderr
     r = run_check("-m", "xai=ig,lime")
     assert r.returncode == 2 and "drop -m" in r.stderr
+
+
+def test_small_images_enlarged_for_the_network_are_named(capsys):
+    from harness.check import check, compose_job
+
+    cfg, choices = compose_job(["model=timm", "model.name=resnet18", "model.num_classes=4", "dataset=shapes",
+                                "dataset.n=4", "~mllm"])
+    assert check(cfg, choices) == 0
+    out = capsys.readouterr().out
+    assert "the images are at most 32 px and preprocessing enlarges them to 235 px" in out
+    assert "set model.input_size=32 (and model.resize=null)" in out

@@ -81,6 +81,11 @@ def check(cfg: DictConfig, choices: dict[str, str] | None = None) -> int:
         warnings.append(f"the images are {model.input_size}x{model.input_size}, the network's input size, but "
                         f"preprocessing resizes them to {model.resize} and crops ({model.sources.get('resize', '')}): "
                         "set model.resize=null to feed them as they are")
+    small = max(max(im.shape[:2]) for im in data.images)
+    if small * 2 <= model.input_size:
+        warnings.append(f"the images are at most {small} px and preprocessing enlarges them to "
+                        f"{model.resize or model.input_size} px ({model.sources.get('input_size', 'given')}): if the "
+                        f"network was trained at their size, set model.input_size={small} (and model.resize=null)")
     labels = np.unique(data.labels)
     names = data.class_names
     print(f"classes    {len(names)} class names ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}), "
@@ -101,7 +106,7 @@ def check(cfg: DictConfig, choices: dict[str, str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     pred = logits.argmax(1).numpy()
     acc = float((pred == data.labels[:k]).mean())
-    print(f"accuracy   {100 * acc:.1f} % on {k} images ({len(np.unique(pred))} classes predicted; "
+    print(f"accuracy   {100 * acc:.1f} % on {k} images (it predicts {len(np.unique(pred))} of {n_out} classes; "
           f"the most often predicted is {names[int(np.bincount(pred).argmax())] if int(np.bincount(pred).argmax()) < len(names) else int(np.bincount(pred).argmax())})")
     print(f"speed      {k / max(seconds, 1e-9):.1f} images/s forward at batch {bs} on {cfg.device} "
           f"(torch threads: {torch.get_num_threads()})")
