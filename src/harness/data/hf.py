@@ -82,8 +82,9 @@ def hf_dataset(
     ds, stem, split = _load(path, name, split, cache_dir)
     columns = list(ds.column_names)
     features = ds.features
-    image_col = _image_column(image_column, features, columns, path)
-    label_col = _label_column(label_column, features, columns, path, exclude=image_col)
+    image_col = _column("image", image_column, features, columns, path, datasets.Image, ("image", "img"))
+    label_col = _column("label", label_column, features, columns, path, datasets.ClassLabel, ("label", "labels"),
+                        exclude=image_col)
 
     feature = features[label_col]
     raw_labels = list(ds[label_col])
@@ -244,40 +245,23 @@ def _describe(features: Any) -> str:
     return ", ".join(f"{k} ({type(v).__name__})" for k, v in features.items())
 
 
-def _image_column(wanted: str | None, features: Any, columns: list[str], path: str) -> str:
-    import datasets
-
+def _column(kind: str, wanted: str | None, features: Any, columns: list[str], path: str, feature_type: Any,
+            names: tuple[str, str], exclude: str | None = None) -> str:
+    """The ``kind`` (image or label) column: ``wanted``, else the first column of ``feature_type``,
+    else the first of ``names``; an error listing the columns otherwise."""
     if wanted is not None:
         if wanted not in columns:
-            raise HarnessError(f"{path} has no column {wanted!r} (dataset.image_column); columns: "
+            raise HarnessError(f"{path} has no column {wanted!r} (dataset.{kind}_column); columns: "
                                f"{_describe(features)}")
         return wanted
     for col in columns:
-        if isinstance(features[col], datasets.Image):
+        if col != exclude and isinstance(features[col], feature_type):
             return col
-    for col in ("image", "img"):
+    for col in names:
         if col in columns:
             return col
-    raise HarnessError(f"{path} has no image column (no column of type Image, none named image or img); set "
-                       f"dataset.image_column to one of: {_describe(features)}")
-
-
-def _label_column(wanted: str | None, features: Any, columns: list[str], path: str, exclude: str) -> str:
-    import datasets
-
-    if wanted is not None:
-        if wanted not in columns:
-            raise HarnessError(f"{path} has no column {wanted!r} (dataset.label_column); columns: "
-                               f"{_describe(features)}")
-        return wanted
-    for col in columns:
-        if col != exclude and isinstance(features[col], datasets.ClassLabel):
-            return col
-    for col in ("label", "labels"):
-        if col in columns:
-            return col
-    raise HarnessError(f"{path} has no label column (no ClassLabel column, none named label or labels); set "
-                       f"dataset.label_column to one of: {_describe(features)}")
+    raise HarnessError(f"{path} has no {kind} column (no {feature_type.__name__} column, none named "
+                       f"{names[0]} or {names[1]}); set dataset.{kind}_column to one of: {_describe(features)}")
 
 
 def _label_indices(raw: list[Any], feature: Any, names: list[str] | None, classes_file: str | None,
