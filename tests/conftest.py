@@ -59,3 +59,20 @@ def run_harness(*args: str, env: dict[str, str] | None = None, timeout: int = 60
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "harness", *args], capture_output=True, text=True,
                           env=full_env, cwd=ROOT, timeout=timeout)
+
+
+def pytest_configure(config):
+    import torch
+
+    config.stash_torch_threads = torch.get_num_threads()
+
+
+def pytest_collection_finish(session):
+    """A test module that changes torch's thread count when it is imported changes it for every
+    test after it (the shipped-weights reproduction among them): refused here, at collection."""
+    import torch
+
+    if torch.get_num_threads() != session.config.stash_torch_threads:
+        raise pytest.UsageError(f"a test module set torch's thread count to {torch.get_num_threads()} "
+                                f"(was {session.config.stash_torch_threads}) when imported; set it inside a test "
+                                "and restore it")

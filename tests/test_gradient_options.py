@@ -16,7 +16,6 @@ from harness.types import HarnessError
 from harness.xai.base import image_seed
 from harness.xai.gradients import REDUCTIONS, Saliency, SmoothGrad
 
-torch.set_num_threads(1)
 
 EXPECTED = {  # each reduction written out on a [N, C, H, W] gradient
     "max_abs": lambda g: g.abs().max(dim=1).values,
