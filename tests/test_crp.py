@@ -76,6 +76,15 @@ def test_a_bad_layer_or_setting_is_refused_before_work():
 
 
 def _train(spurious: float, steps: int = 120, seed: int = 0) -> Classifier:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same floating-point order, and so the same model, on any machine setting
+    try:
+        return _fit(spurious, steps, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit(spurious: float, steps: int, seed: int) -> Classifier:
     model = tiny_cnn(seed)
     s = make_shapes(n=768, split="train", spurious_prob=spurious)
     x, y = tensor(s.images), torch.as_tensor(s.labels)
@@ -147,9 +156,11 @@ def test_concepts_by_region_and_their_stability(shortcut_models):
         assert list(r.atlas.region_names) == ["object", "mark", "background"]
         top = r.atlas.region_shares[r.atlas.top_concepts(10)]  # computed for the 10 most relevant concepts
         np.testing.assert_allclose(top.sum(1), 1.0, atol=1e-6)
-        out[name] = r.summary
-    assert out["mark"]["concepts_in_mark"] >= 8, out
-    assert out["clean"]["concepts_in_mark"] <= 2, out
+        out[name] = dict(r.summary)
+        out[name]["mark_share"] = float(top[:, list(r.atlas.region_names).index("mark")].mean())
+    # measured: 10 and 2 of 10 concepts, mean mark shares 0.93 and 0.31 (0.31 also with 2 training threads)
+    assert out["mark"]["concepts_in_mark"] >= 8 and out["clean"]["concepts_in_mark"] <= 5, out
+    assert out["mark"]["mark_share"] > 0.8 and out["clean"]["mark_share"] < 0.5, out
     assert out["mark"]["concept_separation"] > 0.6
     for s in out.values():
         assert s["concept_stability_spearman"] > 0.5 and s["concept_stability_top10"] > 0.3, out
