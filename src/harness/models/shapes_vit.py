@@ -1,4 +1,5 @@
-"""A small timm ViT that the harness trains on its own ``shapes`` data, cached by config hash.
+"""A small network (a timm ViT; or any module by class path, e.g. a CIFAR ResNet) that the harness
+trains on its own ``shapes`` data, cached by config hash.
 
 The default experiment needs a classifier that makes real decisions without downloading weights:
 this module trains one on first use (about 7 minutes on two CPU cores), reports its held-out
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from harness.data.shapes import GENERATOR_VERSION
+from harness.data.shapes import GENERATOR_VERSION, active_artifacts
 from harness.models.classifier import Classifier
 from harness.utils import config_hash, seeded, to_plain
 
@@ -47,15 +48,18 @@ def _data(
     return x, torch.from_numpy(s.labels)
 
 
-def _build(arch: str, model_kwargs: dict[str, Any], num_classes: int) -> Classifier:
-    import timm
+def _build(arch: str, model_kwargs: dict[str, Any], num_classes: int, image_size: int = 224) -> Classifier:
     from hydra.utils import get_class
 
     kwargs = dict(model_kwargs)
+    if "." in arch:  # a dotted class path: any torch module taking num_classes, e.g. CifarResNet
+        return Classifier(get_class(arch)(num_classes=num_classes, **kwargs), input_size=image_size)
+    import timm
+
     if isinstance(kwargs.get("embed_layer"), str):  # dotted class path from the YAML
         kwargs["embed_layer"] = get_class(kwargs["embed_layer"])
     net = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
-    return Classifier(net, input_size=int(model_kwargs.get("img_size", 224)))
+    return Classifier(net, input_size=int(model_kwargs.get("img_size", image_size)))
 
 
 @torch.no_grad()
@@ -74,7 +78,7 @@ def _train(model: Classifier, cfg: dict[str, Any]) -> dict[str, float]:
     total = cfg["epochs"] * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=total, pct_start=0.1)
     gen = torch.Generator().manual_seed(cfg["seed"])
-    bar = tqdm(total=total, desc="training vit_tiny_shapes", disable=None)
+    bar = tqdm(total=total, desc=f"training {_name(cfg['arch'])}", disable=None)
     for epoch in range(cfg["epochs"]):
         # Fresh images every epoch: the generator is cheap and the model never overfits.
         x, y = _data(cfg["train_data"], cfg["n_train"], "train", seed_offset=epoch)
@@ -107,6 +111,12 @@ def _train(model: Classifier, cfg: dict[str, Any]) -> dict[str, float]:
         "train_accuracy": _accuracy(model, x[:1000], y[:1000]),
         "train_seconds": time.perf_counter() - t0,
     }
+
+
+def _name(arch: str) -> str:
+    """The cache folder's prefix: ``vit_tiny_shapes`` for a timm ViT (the shipped weights' name),
+    ``<class>_shapes`` for a dotted class path."""
+    return f"{arch.rsplit('.', 1)[-1].lower()}_shapes" if "." in arch else "vit_tiny_shapes"
 
 
 def _install_shipped(source: Path, folder: Path) -> None:
@@ -143,7 +153,8 @@ def shapes_vit(
 
     Args:
         cache_dir: root of the harness cache; the model lands in ``models/<hash>/`` under it.
-        arch: timm architecture name; built without pretrained weights.
+        arch: timm architecture name, built without pretrained weights; or the dotted path of a
+            module class built as ``cls(num_classes=..., **model_kwargs)`` at the data's size.
         model_kwargs: overrides for ``timm.create_model`` (img_size, patch_size, depth, ...).
         train_data: arguments of :func:`harness.data.shapes.make_shapes` for the training data
             (``n`` and ``split`` are set here: ``n_train`` from ``train``, ``n_val`` from ``val``).
@@ -157,7 +168,8 @@ def shapes_vit(
         shipped: use the weights shipped with the package when they are of exactly this config
             (see the module docstring); false: train them here.
     """
-    train_data = {k: v for k, v in (to_plain(train_data) or {}).items() if k not in ("_target_", "n", "split")}
+    train_data = active_artifacts(
+        {k: v for k, v in (to_plain(train_data) or {}).items() if k not in ("_target_", "n", "split")})
     cfg = to_plain(
         dict(
             arch=arch, model_kwargs=model_kwargs or {}, train_data=train_data,
@@ -167,7 +179,7 @@ def shapes_vit(
         )
     )
     classes = cfg["train_data"].get("classes", ["circle", "square", "triangle", "cross"])
-    folder = Path(cache_dir) / "models" / f"vit_tiny_shapes-{config_hash(cfg)}"
+    folder = Path(cache_dir) / "models" / f"{_name(arch)}-{config_hash(cfg)}"
     folder.mkdir(parents=True, exist_ok=True)
     weights, meta_path = folder / "model.pt", folder / "meta.json"
     # One trainer at a time per config: parallel jobs of a sweep wait for the first one.
@@ -182,12 +194,12 @@ def shapes_vit(
         if shipped and not weights.exists() and (SHIPPED / folder.name / "model.pt").is_file():
             _install_shipped(SHIPPED / folder.name, folder)
         with seeded(seed):
-            model = _build(arch, cfg["model_kwargs"], len(classes))
+            model = _build(arch, cfg["model_kwargs"], len(classes), int(cfg["train_data"].get("image_size", 32)))
             if weights.exists() and meta_path.exists():
                 model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
                 meta = json.loads(meta_path.read_text())
             else:
-                log.info("training vit_tiny_shapes (first use of this config) into %s", folder)
+                log.info("training %s (first use of this config) into %s", _name(arch), folder)
                 model.to(device)
                 meta = _train(model, cfg)
                 log.info("trained in %.0f s, held-out accuracy %.3f", meta["train_seconds"], meta["val_accuracy"])
