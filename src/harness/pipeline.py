@@ -111,7 +111,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
                     model_key=pred.model_digest, config=to_plain(cfg.xai), seed=cfg.seed,
                     batch_size=int(cfg.batch_size), n_views=max(int(n_lang), n_fig))
         with seconds("metrics"):
-            results = evaluate(c.metrics, c.model, inputs.x, maps, pred.targets, inputs.masks,
+            results = evaluate(c.metrics, c.model, inputs.x, maps, pred.targets, inputs.masks, regions=inputs.regions,
                                explain_fn=lambda m, xx, tt: explain(c.explainer, m, xx, tt, int(cfg.batch_size),
                                                                     progress=False))
         with seconds("language"):

@@ -15,7 +15,7 @@ FAMILIES = ("faithfulness", "robustness", "randomisation", "complexity", "locali
 
 #: Capability metadata: name -> type. Declared on :class:`Metric`, overridden where a metric differs.
 CAPABILITIES: dict[str, type] = {"family": str, "higher_is_better": bool, "needs_masks": bool,
-                                 "needs_explainer": bool}
+                                 "needs_explainer": bool, "needs_regions": bool}
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
@@ -36,6 +36,9 @@ class Metric:
             warning) on a dataset without them.
         needs_explainer: the metric explains (perturbed) inputs again; ``__call__`` then gets
             ``explain=fn`` with ``fn(model, x, targets) -> maps``.
+        needs_regions: the metric reads the dataset's named regions (``ImageSet.regions``, e.g.
+            a planted artifact's pixels); ``__call__`` then gets ``regions={name: [N, H, W]}``
+            as network-input masks (empty when the data has none).
 
     A subclass attribute that looks like a capability but is none (``needs_mask``,
     ``higher_is_beter``, ``needs_gradients``, ``lower_is_better``) or a capability of the wrong
@@ -62,6 +65,7 @@ class Metric:
     higher_is_better: ClassVar[bool] = True
     needs_masks: ClassVar[bool] = False
     needs_explainer: ClassVar[bool] = False
+    needs_regions: ClassVar[bool] = False
 
     #: Images per model call, for metrics that call the model (set by their ``__init__``).
     batch_size: int | None = None

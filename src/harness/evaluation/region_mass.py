@@ -70,13 +70,40 @@ class RegionMass(Metric):
             map's), bottom and right exclusive; a box reaching outside the input is an error.
         name: prefix of the logged scores (``<name>``, ``<name>_ratio``), so several boxes can
             be scored in one run.
+        region: instead of the box, the dataset's named region of each image (``ImageSet.regions``;
+            ``shapes``: ``mark``, ``corner``, ``bandaid``, ``watermark``, wherever the artifact was
+            drawn), or ``any`` for all its regions together. An image without the region scores
+            NaN (with ``any``, every image of data without regions); a named region the data lacks
+            is an error naming the regions it has.
     """
 
     family: ClassVar[str] = "localisation"
 
-    def __init__(self, box: Sequence[int] = (0, 0, 3, 3), name: str = "region_mass") -> None:
+    def __init__(self, box: Sequence[int] = (0, 0, 3, 3), name: str = "region_mass", region: str | None = None) -> None:
         super().__init__(name)
         self.box = check_box(box, "metrics.region_mass.box")
+        self.region = None if region is None else str(region)
+        self.needs_regions = self.region is not None
+
+    def _masks(self, regions: dict[str, np.ndarray] | None, shape: tuple[int, int, int]) -> np.ndarray:
+        """``[N, H, W]``: where to measure, the box on every image or each image's region."""
+        if self.region is None:
+            top, left, bottom, right = self.box
+            box_inside(self.box, shape[1], shape[2], "metrics.region_mass.box")
+            m = np.zeros(shape, bool)
+            m[:, top:bottom, left:right] = True
+            return m
+        regions = regions or {}
+        if self.region == "any":  # data without regions (a clean test set): nothing to measure, NaN
+            return np.logical_or.reduce([np.asarray(v, bool) for v in regions.values()]) if regions else \
+                np.zeros(shape, bool)
+        if self.region not in regions:
+            raise HarnessError(f"metrics {self.name}: region={self.region!r} is not a region of this dataset (its "
+                               f"regions: {', '.join(regions) or 'none'}; or any)")
+        m = np.asarray(regions[self.region], bool)
+        if m.shape != shape:
+            raise HarnessError(f"metrics {self.name}: region masks {m.shape} do not match the maps {shape}")
+        return m
 
     def __call__(
         self,
@@ -85,18 +112,20 @@ class RegionMass(Metric):
         attributions: np.ndarray,
         targets,
         masks: np.ndarray | None = None,
+        regions: dict[str, np.ndarray] | None = None,
     ) -> MetricOutput:
         a = np.asarray(attributions, dtype=np.float64)
         if a.ndim != 3:
             raise ValueError(f"attributions must be [N, H, W], got shape {a.shape}")
         n, h, w = a.shape
-        box_inside(self.box, h, w, "metrics.region_mass.box")
-        top, left, bottom, right = self.box
-        area_share = (bottom - top) * (right - left) / (h * w)
+        where = self._masks(regions, a.shape)
+        area_share = where.mean((1, 2))
         pos = np.clip(a, 0, None)
         total = pos.sum((1, 2))
-        on_box = pos[:, top:bottom, left:right].sum((1, 2))
-        ok = np.isfinite(a).all((1, 2)) & (total > 0)
+        on_box = (pos * where).sum((1, 2))
+        ok = np.isfinite(a).all((1, 2)) & (total > 0) & (area_share > 0)
         share = np.full(n, np.nan)
         share[ok] = on_box[ok] / total[ok]
-        return MetricOutput(scores={self.name: share, f"{self.name}_ratio": share / area_share})
+        ratio = np.full(n, np.nan)
+        ratio[ok] = share[ok] / area_share[ok]
+        return MetricOutput(scores={self.name: share, f"{self.name}_ratio": ratio})

@@ -37,9 +37,10 @@ def _score_one_by_one(metric: Metric, model: torch.nn.Module, x: torch.Tensor, m
     parts: list[MetricOutput | None] = []
     errors: list[tuple[int, str]] = []
     for i in range(len(x)):
+        one = kwargs | ({"regions": {k: v[i : i + 1] for k, v in kwargs["regions"].items()}} if "regions" in kwargs else {})
         try:
             parts.append(metric(model, x[i : i + 1], maps[i : i + 1], targets[i : i + 1],
-                                None if masks is None else masks[i : i + 1], **kwargs))
+                                None if masks is None else masks[i : i + 1], **one))
         except HarnessError:
             raise
         except Exception as e:  # noqa: BLE001 - one image's failure must not end the run
@@ -87,10 +88,11 @@ def check_metrics(metrics: dict[str, Any]) -> None:
 
 def evaluate(metrics: dict[str, Metric], model: torch.nn.Module, x: torch.Tensor, maps: np.ndarray,
              targets: torch.Tensor, masks: np.ndarray | None,
-             explain_fn: Any = None) -> dict[str, MetricOutput]:
+             explain_fn: Any = None, regions: dict[str, np.ndarray] | None = None) -> dict[str, MetricOutput]:
     """Run every metric (``metrics`` maps option names to :class:`~harness.evaluation.base.Metric`
     objects). A metric that needs masks is skipped (with a warning) when none exist; one that
-    re-explains inputs (``needs_explainer``) gets ``explain_fn(model, x, targets)``. A metric
+    re-explains inputs (``needs_explainer``) gets ``explain_fn(model, x, targets)``, one that reads
+    named regions (``needs_regions``) gets ``regions``. A metric
     that fails is retried image by image: the images it fails on score NaN, and the reasons are
     kept in ``MetricOutput.errors``. Two metrics whose scores clash, or a metric whose scores or
     curves are not ``<name>`` or ``<name>_<suffix>``, stop the run with a :class:`HarnessError`."""
@@ -107,6 +109,8 @@ def evaluate(metrics: dict[str, Metric], model: torch.nn.Module, x: torch.Tensor
             if explain_fn is None:
                 raise HarnessError(f"metric {name} re-explains inputs and needs the explainer")
             kwargs["explain"] = explain_fn
+        if metric.needs_regions:
+            kwargs["regions"] = regions or {}
         t0 = time.perf_counter()
         try:
             out[name] = metric(model, x, maps, targets, masks, **kwargs)

@@ -4,7 +4,7 @@ cached by content (data, labels, ids, weights, device)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -18,11 +18,13 @@ log = logging.getLogger(__name__)
 @dataclass
 class Inputs:
     """A dataset as the model sees it: ``x`` ``[N, 3, S, S]`` in [0, 1], boolean masks
-    ``[N, S, S]`` (None without ground truth), labels ``[N]``."""
+    ``[N, S, S]`` (None without ground truth), labels ``[N]``, and the data's named regions
+    (``ImageSet.regions``) as boolean masks ``[N, S, S]`` of the network input."""
 
     x: torch.Tensor
     masks: np.ndarray | None
     labels: torch.Tensor
+    regions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,7 +47,8 @@ def check_target(target: str) -> str:
 
 def model_inputs(model: torch.nn.Module, data: ImageSet) -> Inputs:
     x, masks = model.preprocess(data.images, data.masks)
-    return Inputs(x, masks if data.has_masks else None, torch.from_numpy(data.labels))
+    regions = {name: model.preprocess(data.images, m)[1] for name, m in data.regions.items()}
+    return Inputs(x, masks if data.has_masks else None, torch.from_numpy(data.labels), regions)
 
 
 def predictions(model: torch.nn.Module, data: ImageSet, inputs: Inputs, cache: StageCache,
