@@ -1,6 +1,7 @@
 """harness: explainable-AI experiments on image classifiers, tracked in MLflow.
 
-Importing the package registers the ``project_root`` OmegaConf resolver used by ``conf/``.
+Importing the package registers the OmegaConf resolvers used by ``conf/``: ``project_root`` and
+``join`` (a list as ``a+b``, ``none`` when empty, for run names).
 """
 
 from pathlib import Path
@@ -12,4 +13,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 OmegaConf.register_new_resolver(
     "project_root", lambda: str(Path(__file__).resolve().parents[2]), replace=True
+)
+OmegaConf.register_new_resolver(
+    "join", lambda items: "+".join(str(i) for i in items) if items else "none", replace=True
 )

@@ -66,6 +66,7 @@ class Components:
     language: Language | None
     data: ImageSet
     model: Any
+    reveal: Any = None
 
 
 def build_components(cfg: Any) -> Components:
@@ -80,6 +81,10 @@ def build_components(cfg: Any) -> Components:
     if language is not None and getattr(language.renderer, "needs_concepts", False) and not hasattr(explainer, "concepts"):
         raise HarnessError(f"render=concepts draws an image's concepts, which {type(explainer).__name__} does not "
                            "give: use it with xai=crp")
+    reveal = None if cfg.get("reveal") is None else build(cfg.reveal)
+    if reveal is not None and "concepts" in reveal.spaces and not hasattr(explainer, "concepts"):
+        raise HarnessError(f"reveal.space=concepts clusters the concept relevances of xai=crp, which "
+                           f"{type(explainer).__name__} does not give: use xai=crp, or reveal.space=maps")
     if language is not None and cfg.get("privacy") is not None and cfg.privacy.enabled:
         from harness.mllm.stage import check_privacy
 
@@ -89,5 +94,7 @@ def build_components(cfg: Any) -> Components:
         raise HarnessError("the dataset yielded no images" +
                            (f" ({len(data.skipped)} skipped as unreadable)" if data.skipped else ""))
     model = build(cfg.model)
+    if cfg.get("revise") is not None:  # reveal and revise: the corrected model (harness.revise)
+        model = build(cfg.revise)(model)
     check_capabilities(explainer, model)
-    return Components(explainer, metrics, language, data, model)
+    return Components(explainer, metrics, language, data, model, reveal)

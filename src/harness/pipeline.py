@@ -110,6 +110,11 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
                     c.explainer, c.model, inputs.x, pred.targets, pred.preds, cache, predictions_key=pred.key,
                     model_key=pred.model_digest, config=to_plain(cfg.xai), seed=cfg.seed,
                     batch_size=int(cfg.batch_size), n_views=max(int(n_lang), n_fig))
+        revealed = None
+        if c.reveal is not None:  # reveal=spray: cluster the maps per class (harness.revise.reveal)
+            with seconds("reveal"):
+                features = {"maps": maps} | ({"concepts": concepts.relevance} if concepts is not None else {})
+                revealed = c.reveal(features, pred.targets.numpy(), inputs.regions, list(c.data.ids))
         with seconds("metrics"):
             results = evaluate(c.metrics, c.model, inputs.x, maps, pred.targets, inputs.masks, regions=inputs.regions,
                                explain_fn=lambda m, xx, tt: explain(c.explainer, m, xx, tt, int(cfg.batch_size),
@@ -132,6 +137,10 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
 
                 log_concepts(rec, concepts, inputs.x, list(c.data.ids), private=private, n_figures=n_fig,
                              class_names=(c.explainer.reference or c.data).class_names)
+            if revealed is not None:
+                from harness.revise.reveal import log_reveal
+
+                log_reveal(rec, revealed, list(c.data.class_names))
         summary = {
             "accuracy": float((pred.preds == inputs.labels).float().mean()),
             "n_images": float(len(c.data)),
@@ -144,6 +153,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
             **(language_summary(records, cfg.prompt.get("response_format") == "json") if records else {}),
             **aggregate(text_scores),
             **(concepts.summary if concepts is not None else {}),
+            **(revealed.summary if revealed is not None else {}),
             **{f"seconds_{k}": v for k, v in seconds.items()},
             "wall_seconds": time.perf_counter() - t_start,
         }

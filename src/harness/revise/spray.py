@@ -239,7 +239,9 @@ def spray(maps: np.ndarray, labels: np.ndarray, *, size: int = 8, n_neighbors: i
     """Spectral Relevance Analysis of heatmaps, class by class.
 
     Args:
-        maps: ``[N, H, W]`` heatmaps (relevance; only the positive part counts).
+        maps: ``[N, H, W]`` heatmaps (relevance; only the positive part counts), or ``[N, D]`` relevance
+            vectors, e.g. of a layer's channels (concepts), compared as they are (positive part, each summing to 1):
+            the latent SpRAy of Reveal to Revise, which also finds an artifact that moves.
         labels: ``[N]`` class of each map (usually the predicted or the true class).
         size: side of the downsampled maps that are compared (the paper downsamples heavily, to see the layout of
             relevance rather than pixel detail).
@@ -261,7 +263,12 @@ def spray(maps: np.ndarray, labels: np.ndarray, *, size: int = 8, n_neighbors: i
         raise ValueError(f"{len(maps)} maps but {len(labels)} labels")
     if n_neighbors < 1 or size < 1 or max_clusters < 2:
         raise ValueError("n_neighbors and size must be >= 1, max_clusters >= 2")
-    small = preprocess(maps, size)
+    if maps.ndim == 2:  # relevance vectors (e.g. of a layer's concepts, as R2R clusters them): positive part, sum 1
+        pos = np.where(np.isfinite(maps), np.maximum(maps, 0.0), 0.0).astype(np.float64)
+        mass = pos.sum(1, keepdims=True)
+        small = np.where(mass > 0, pos / np.where(mass > 0, mass, 1.0), 1.0 / max(pos.shape[1], 1))
+    else:
+        small = preprocess(maps, size)
     flat = small.reshape(len(small), -1)
     classes = []
     for label in np.unique(labels):
@@ -276,7 +283,7 @@ def spray(maps: np.ndarray, labels: np.ndarray, *, size: int = 8, n_neighbors: i
                 x, n_neighbors=n_neighbors, max_clusters=max_clusters, min_gap=min_gap, seed=seed)
         k = int(assignment.max()) + 1 if len(assignment) else 0
         mean_maps = np.stack([small[index[assignment == c]].mean(axis=0) for c in range(k)]) if k else \
-            np.empty((0, size, size))
+            np.empty((0, *small.shape[1:]))
         whole = _mean_pairwise(x)
         tightness = np.array([
             _mean_pairwise(x[assignment == c]) / whole if whole > 0 else 0.0 for c in range(k)
@@ -330,7 +337,9 @@ def spray_figure(result: Spray, path, class_names=None, max_clusters: int = 4) -
         for j, cluster in enumerate(c.order[:max_clusters]):
             ax = axes[r, j]
             ax.set_frame_on(True)
-            ax.imshow(c.mean_maps[cluster], cmap="inferno", interpolation="nearest")
+            mean = c.mean_maps[cluster]
+            ax.imshow(mean if mean.ndim == 2 else mean[None], cmap="inferno", interpolation="nearest",
+                      aspect="auto")
             t = c.tightness[cluster]
             ax.set_title(f"n={sizes[cluster]}, t={t:.2f}" if np.isfinite(t) else f"n={sizes[cluster]}",
                          fontsize=8)

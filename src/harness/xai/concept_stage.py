@@ -38,6 +38,7 @@ class ConceptResult:
     summary: dict[str, float] = field(default_factory=dict)  # run-level scores (stability, separation)
     prototypes: Any = None  # PCX prototypes of the reference images (harness.xai.concepts.Prototypes)
     reference_labels: np.ndarray | None = None
+    relevance: np.ndarray | None = None  # [N, C] each job image's relevance per concept (reveal.space=concepts)
     views: list[list[Any]] = field(default_factory=list)  # the first images' concepts (concept_views)
 
 
@@ -120,7 +121,7 @@ def concept_stage(explainer: Any, model: Any, x: torch.Tensor, targets: torch.Te
         top = top[np.isfinite(top).all(1)]
         for j, name in enumerate(atlas.region_names):  # of the top-10 concepts, how many lie mostly in each region
             summary[f"concepts_in_{name}"] = float((top.argmax(1) == j).sum())
-    result = ConceptResult(scores, ids, shares, atlas, pixels, info, summary, protos, ref_t.numpy())
+    result = ConceptResult(scores, ids, shares, atlas, pixels, info, summary, protos, ref_t.numpy(), relevance=relevance)
     result.views = concept_views(result, explainer, model, x, targets, len(x) if n_views is None else n_views)
     return result
 
