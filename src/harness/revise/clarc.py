@@ -1,0 +1,435 @@
+"""Class Artifact Compensation: correct a model that uses an artifact, by its direction in a layer.
+
+An artifact the model relies on (a corner tag, a band-aid, a watermark) is a direction in the
+activations of a layer: its **concept activation vector** (CAV), computed here from a few labelled
+samples as the *pattern* CAV of Pahde et al. (2022), the difference between the mean activation of
+samples with and without the artifact (the covariance of activation and label over the label's
+variance, which points along the artifact's signal rather than a discriminating filter's).
+
+- **P-ClArC** (projective ClArC; Anders et al., "Finding and removing Clever Hans", Information
+  Fusion 77, 2022) projects the direction out of the layer's output at every position,
+  ``a <- a - v <v, a - z>``, with ``z`` the mean activation of samples without the artifact: the
+  artifact's signal is replaced by what a clean sample would carry. No retraining.
+- **RR-ClArC** (right-reason ClArC; Dreyer, Pahde et al., "From Hope to Safety: Unlearning Biases of
+  Deep Models via Gradient Penalization in Latent Space", AAAI 2024) fine-tunes the model with a
+  penalty on the output's gradient along the direction, ``lambda * <grad_a f, v>^2``, so that moving
+  along the artifact no longer changes the decision; the network up to the layer is frozen, so the
+  direction stays where the CAV found it.
+
+Both take the artifacts one at a time (the iterations of Reveal-to-Revise, Pahde et al., MICCAI
+2023): the CAV of artifact ``k`` is computed on the model already corrected for artifacts ``1..k-1``.
+The corrected model is a copy; the projection is a forward hook of the copy's layer, with the
+directions kept as buffers of that layer (so they are in its weights' digest and state dict).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from harness.types import HarnessError, ImageSet
+from harness.xai.base import network
+
+log = logging.getLogger(__name__)
+POOLS = ("max", "mean", "none")
+VERSION = 1  # of the corrections' procedure: part of their cache key
+
+
+def _channel_dim(a: torch.Tensor) -> int:
+    """Channels of a feature map ``[N, C, H, W]`` are dim 1, of tokens ``[N, T, D]`` the last."""
+    if a.ndim == 4:
+        return 1
+    if a.ndim == 3:
+        return 2
+    raise HarnessError(f"revise: the layer's output has shape {tuple(a.shape)}; a feature map [N, C, H, W] or "
+                       "tokens [N, T, D] is needed")
+
+
+def layer(model: nn.Module, name: str) -> nn.Module:
+    """The module ``name`` of the model's network, or an error naming the setting."""
+    net = network(model)
+    try:
+        return net.get_submodule(name)
+    except AttributeError:
+        raise HarnessError(f"revise.layer={name!r} is not a module of {type(net).__name__}") from None
+
+
+@contextmanager
+def captured(module: nn.Module, store: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While open, ``store["act"]`` is the module's latest output (with its graph)."""
+    def hook(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        store["act"] = out
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def activations(model: nn.Module, module: nn.Module, x: torch.Tensor, pool: str = "max",
+                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's output per image pooled over positions (``max`` or ``mean``), ``[N, C]``, or
+    flattened (``none``, ``[N, C*H*W]``), and unpooled, ``[N, C, H, W]`` (tokens ``[N, T, D]``),
+    on the CPU."""
+    if pool not in POOLS:
+        raise HarnessError(f"revise.pool={pool!r} is not valid; valid: {', '.join(POOLS)}")
+    pooled, full, store = [], [], {}
+    with captured(module, store):
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size])
+            a = store["act"].float().cpu()
+            full.append(a)
+            if pool == "none":  # the whole activation, one vector per image
+                pooled.append(a.flatten(1))
+                continue
+            a = a.movedim(_channel_dim(a), 1).flatten(2)
+            pooled.append(a.amax(2) if pool == "max" else a.mean(2))
+    return torch.cat(pooled), torch.cat(full)
+
+
+def pattern_cav(acts: torch.Tensor, has_artifact: torch.Tensor) -> torch.Tensor:
+    """The unit pattern CAV, mean with minus mean without the artifact, normalised, from pooled
+    activations ``[N, C]`` and boolean labels."""
+    t = has_artifact.bool()
+    if t.sum() < 1 or (~t).sum() < 1:
+        raise HarnessError(f"revise: a CAV needs samples with and without the artifact ({int(t.sum())} with, "
+                           f"{int((~t).sum())} without)")
+    v = acts[t].mean(0) - acts[~t].mean(0)
+    norm = v.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise HarnessError("revise: the artifact does not change the layer's pooled activations (a zero CAV)")
+    return v / norm
+
+
+def project(a: torch.Tensor, directions: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """``a`` with each direction ``v`` (rows of ``directions`` ``[K, C]``) projected out in turn,
+    ``a <- a - v <v, a - z>`` along the channel dimension at every position, ``z`` (``means[k]``,
+    shaped as one image's activation) the mean activation of samples without the artifact at
+    that position. Directions as long as a whole activation (``pool=none``) are projected out of
+    the flattened activation instead."""
+    if directions.shape[1] == a[0].numel():
+        flat = a.flatten(1)
+        for v, z in zip(directions.to(a.dtype), means.to(a.dtype)):
+            flat = flat - v[None] * ((flat - z.flatten()[None]) @ v)[:, None]
+        return flat.view_as(a)
+    dim = _channel_dim(a)
+    shape = [1] * a.ndim
+    shape[dim] = -1
+    for v, z in zip(directions.to(a.dtype), means.to(a.dtype)):
+        v = v.view(shape)
+        a = a - v * ((a - z[None]) * v).sum(dim, keepdim=True)
+    return a
+
+
+def _projection_hook(module: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+    return project(out, module.clarc_directions, module.clarc_means)
+
+
+def with_projection(model: nn.Module, layer_name: str, directions: torch.Tensor, means: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` whose layer projects ``directions`` out of its output (P-ClArC); the
+    directions join those of earlier corrections at that layer."""
+    model = copy.deepcopy(model)
+    module = layer(model, layer_name)
+    if hasattr(module, "clarc_directions"):
+        directions = torch.cat([module.clarc_directions, directions.to(module.clarc_directions)])
+        means = torch.cat([module.clarc_means, means.to(module.clarc_means)])
+    else:
+        module.register_forward_hook(_projection_hook)
+    device = next(model.parameters()).device
+    module.register_buffer("clarc_directions", directions.float().to(device))
+    module.register_buffer("clarc_means", means.float().to(device))
+    return model
+
+
+@dataclass
+class Samples:
+    """Labelled samples for one artifact: images ``x`` ``[N, 3, S, S]`` (network input) and whether
+    each carries the artifact."""
+
+    x: torch.Tensor
+    has_artifact: torch.Tensor
+
+
+def labelled_samples(model: nn.Module, data: ImageSet, artifact: str, n_labelled: int, seed: int = 0) -> Samples:
+    """Up to ``n_labelled`` images with the artifact and as many without it, the latter from the
+    classes the artifact occurs in (so that the CAV does not also learn the class; from other
+    classes where those run short, with a warning), drawn at
+    random from ``data``, whose ``regions[artifact]`` says where the artifact is (the stand-in for
+    a person who labels a few of the samples reveal points to)."""
+    if artifact not in data.regions:
+        raise HarnessError(f"revise: the labelled data has no region {artifact!r} (its regions: "
+                           f"{', '.join(data.regions) or 'none'}); plant it with the data's artifacts settings")
+    has = np.array([m.any() for m in data.regions[artifact]])
+    if not has.any():
+        raise HarnessError(f"revise: no image of the labelled data carries the artifact {artifact!r}")
+    classes = np.unique(data.labels[has])
+    rng = np.random.default_rng(seed)
+    pos = rng.permutation(np.flatnonzero(has))[:n_labelled]
+    same = rng.permutation(np.flatnonzero(~has & np.isin(data.labels, classes)))
+    if len(same) < len(pos):  # too few without it in its classes: the rest from the other classes
+        log.warning("revise: only %d images of the classes with %s lack it; %d more from other classes (the CAV "
+                    "then also carries some of the class)", len(same), artifact, len(pos) - len(same))
+        same = np.concatenate([same, rng.permutation(np.flatnonzero(~has & ~np.isin(data.labels, classes)))])
+    neg = same[:len(pos)]
+    idx = np.concatenate([pos, neg])
+    x, _ = model.preprocess([data.images[i] for i in idx], None)
+    return Samples(x, torch.from_numpy(has[idx]))
+
+
+def freeze_through(model: nn.Module, module: nn.Module) -> list[nn.Parameter]:
+    """Stop gradients to every parameter of the network up to and including ``module``'s (in
+    registration order, which is the forward order of the usual networks), so that the layer's
+    activations, where the CAV lives, stay as they were. Returns the parameters left to train."""
+    last = {id(p) for p in module.parameters()}
+    params = list(network(model).parameters())
+    cut = max((i for i, p in enumerate(params) if id(p) in last), default=-1)
+    for i, p in enumerate(params):
+        p.requires_grad_(i > cut)
+    return [p for p in params[cut + 1:]]
+
+
+def rr_finetune(model: nn.Module, layer_name: str, direction: torch.Tensor, batches: Any, *, epochs: int,
+                lr: float, penalty: float, per_position: bool = False, seed: int = 0) -> dict[str, float]:
+    """RR-ClArC in place: cross-entropy plus ``penalty * mean_images <g, v>^2``, ``g`` the gradient
+    of the logits summed with random signs (every output in expectation) at the layer's output,
+    averaged over positions for a direction of channels (``pool`` max or mean) or whole for a
+    direction of the whole activation (``none``). The network up to the layer is frozen and
+    BatchNorm statistics are kept (the model stays in eval mode), so the direction stays valid
+    while the layers after it learn to ignore it. ``batches(epoch)`` yields ``(x, y)``."""
+    module = layer(model, layer_name)
+    v = direction.to(next(model.parameters()).device).float()
+    trainable = freeze_through(model, module)
+    if not trainable:
+        raise HarnessError(f"revise.layer={layer_name!r} is the network's last layer: nothing after it to fine-tune")
+    opt = torch.optim.Adam(trainable, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    store: dict[str, torch.Tensor] = {}
+    t0, ce_sum, rr_sum, n = time.perf_counter(), 0.0, 0.0, 0
+    model.eval()
+    try:
+        with captured(module, store):
+            for epoch in range(epochs):
+                for x, y in batches(epoch):
+                    logits = model(x.requires_grad_(True))  # the frozen part's output needs a graph
+                    a = store["act"]
+                    signs = torch.where(torch.rand(logits.shape, generator=gen) < 0.5, -1.0, 1.0).to(logits)
+                    (g,) = torch.autograd.grad((logits * signs).sum(), a, create_graph=True)
+                    if v.numel() == g[0].numel():  # a direction of the whole activation (pool=none)
+                        along = g.flatten(1) @ v
+                    elif per_position:
+                        along = (g.movedim(_channel_dim(g), 1).flatten(2).transpose(1, 2) @ v).flatten()
+                    else:
+                        along = g.movedim(_channel_dim(g), 1).flatten(2).mean(2) @ v
+                    rr = along.pow(2).mean()
+                    ce = nn.functional.cross_entropy(logits, y)
+                    loss = ce + penalty * rr
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    ce_sum, rr_sum = ce_sum + float(ce.detach()) * len(x), rr_sum + float(rr.detach()) * len(x)
+                    n += len(x)
+                log.info("RR-ClArC epoch %d/%d: cross-entropy %.3f, gradient penalty %.4g", epoch + 1, epochs,
+                         ce_sum / max(n, 1), rr_sum / max(n, 1))
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return {"rr_cross_entropy": ce_sum / max(n, 1), "rr_penalty": rr_sum / max(n, 1),
+            "rr_seconds": time.perf_counter() - t0}
+
+
+class Reviser:
+    """Base of the ``revise`` options: ``reviser(model) -> corrected copy``, one iteration per
+    artifact in ``artifacts``, each iteration's result cached under
+    ``<cache_dir>/models/<method>-<hash>`` by the digest of the model it starts from and the
+    settings, like the models the harness trains.
+
+    Args:
+        artifacts: the artifacts to correct, in order: names of the labelled data's regions
+            (``shapes``: ``corner``, ``bandaid``, ``watermark``). Empty: the model as it is.
+        data: dataset config of the labelled samples (and RR-ClArC's training images);
+            ``split`` and ``n`` are set here where the dataset has them.
+        layer: the module whose output carries the direction (``auto``: CRP's default, a CNN's
+            last spatial stage, a ViT's last-but-one block); a mapping ``artifact -> layer`` sets
+            it per artifact (unnamed ones: ``auto``).
+        pool: how the CAV sees the layer: ``max`` or ``mean`` over positions (a direction of
+            channels, projected out at every position: for an artifact that moves), or ``none``
+            (the whole activation: for one at a fixed place); a mapping ``artifact -> pool``
+            sets it per artifact (unnamed ones: ``max``).
+        n_labelled: samples with the artifact, and as many without, for each CAV.
+        n_pool: images drawn (``val`` split) to find the labelled samples in.
+        cache_dir: root of the harness cache (``null``: nothing cached).
+        seed: seeds the choice of samples and the fine-tuning.
+    """
+
+    method = "revise"
+
+    def __init__(self, artifacts: list[str] = (), data: Any = None, layer: str = "auto", pool: str = "max",
+                 n_labelled: int = 32, n_pool: int = 2000, cache_dir: str | None = None, seed: int = 0) -> None:
+        for value in (pool.values() if isinstance(pool, dict) or hasattr(pool, "items") else [pool]):
+            if value not in POOLS:
+                raise HarnessError(f"revise.pool={value!r} is not valid; valid: {', '.join(POOLS)} (or a mapping "
+                                   "artifact -> one of them)")
+        if int(n_labelled) < 2:
+            raise HarnessError(f"revise.n_labelled={n_labelled} is not valid: at least 2")
+        if artifacts and data is None:
+            raise HarnessError("revise.data is not set: the dataset config whose regions label the artifacts")
+        self.artifacts = [artifacts] if isinstance(artifacts, str) else list(artifacts)
+        self.data = data
+        self.layer = dict(layer) if hasattr(layer, "items") else str(layer)
+        self.pool = dict(pool) if hasattr(pool, "items") else str(pool)
+        self.n_labelled, self.n_pool, self.cache_dir, self.seed = int(n_labelled), int(n_pool), cache_dir, int(seed)
+        self.info: dict[str, float] = {}
+
+    def settings(self) -> dict[str, Any]:
+        """What, besides the starting model, decides an iteration's result (its cache key)."""
+        from harness.utils import to_plain
+
+        return {k: v for k, v in vars(self).items() if k not in ("artifacts", "cache_dir", "info")} | {
+            "data": to_plain(self.data), "method": self.method, "version": VERSION}
+
+    def _dataset(self, split: str, n: int) -> ImageSet:
+        from omegaconf import OmegaConf
+
+        from harness.components import build
+
+        node = OmegaConf.create(self.data) if not OmegaConf.is_config(self.data) else self.data.copy()
+        for key, value in (("split", split), ("n", n)):
+            if key in node:
+                node[key] = value
+        return build(node)
+
+    def layer_name(self, model: nn.Module, artifact: str | None = None) -> str:
+        """The layer for ``artifact`` (``layer`` may map artifacts to layers; unnamed: ``auto``)."""
+        from harness.xai.crp import default_layer
+
+        name = self.layer.get(artifact, "auto") if isinstance(self.layer, dict) else self.layer
+        return default_layer(model) if name == "auto" else name
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        import json
+        from pathlib import Path
+
+        from harness.cache import digest, model_digest
+
+        if not self.artifacts:
+            return model
+        for artifact in self.artifacts:  # a bad layer fails before any work
+            layer(model, self.layer_name(model, artifact))
+        labelled = None
+        t0 = time.perf_counter()
+        for k, artifact in enumerate(self.artifacts):
+            name = self.layer_name(model, artifact)
+            key = digest(self.method, model_digest(model), self.settings() | {"layer": name}, artifact)[:12]
+            folder = None if self.cache_dir is None else Path(self.cache_dir) / "models" / f"{self.method}-{key}"
+            if folder is not None and (folder / "revised.pt").is_file():
+                state = torch.load(folder / "revised.pt", map_location="cpu", weights_only=True)
+                model = self._load(model, name, state)
+                log.info("revise %s, iteration %d (%s): loaded from %s", self.method, k + 1, artifact, folder)
+                continue
+            if labelled is None:
+                labelled = self._dataset("val", self.n_pool)
+            samples = labelled_samples(model, labelled, artifact, self.n_labelled, self.seed + k)
+            pool = self.pool.get(artifact, "max") if isinstance(self.pool, dict) else self.pool
+            acts, full = activations(model, layer(model, name), samples.x.to(next(model.parameters()).device), pool)
+            v = pattern_cav(acts, samples.has_artifact)
+            z = full[~samples.has_artifact].mean(0)
+            scores = (acts @ v).numpy()
+            self.info[f"revise_cav_auc_{artifact}"] = _auc(scores, samples.has_artifact.numpy())
+            model, state = self._correct(model, name, v, z)
+            log.info("revise %s, iteration %d: %s corrected at %s (CAV from %d + %d samples, AUC %.3f)", self.method,
+                     k + 1, artifact, name, int(samples.has_artifact.sum()), int((~samples.has_artifact).sum()),
+                     self.info[f"revise_cav_auc_{artifact}"])
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / ".revised.pt.tmp"
+                torch.save(state, tmp)
+                (folder / "meta.json").write_text(json.dumps({"artifact": artifact, "iteration": k + 1, "layer": name,
+                                                              **self.settings(), **self.info}, indent=2, default=str))
+                tmp.replace(folder / "revised.pt")
+        self.info["revise_iterations"] = float(len(self.artifacts))
+        self.info["revise_seconds"] = time.perf_counter() - t0
+        model.info = {**getattr(model, "info", {}), **self.info}
+        return model.eval()
+
+    def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor) -> tuple[nn.Module, dict]:
+        raise NotImplementedError
+
+    def _load(self, model: nn.Module, name: str, state: dict) -> nn.Module:
+        raise NotImplementedError
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Probability that a sample with the artifact scores above one without (ties half)."""
+    pos, neg = scores[labels.astype(bool)], scores[~labels.astype(bool)]
+    return float(((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()))
+
+
+class PClArC(Reviser):
+    """``revise=p_clarc``: project the artifact's direction out of the layer (no training)."""
+
+    method = "p_clarc"
+
+    def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor) -> tuple[nn.Module, dict]:
+        return with_projection(model, name, v[None], z[None]), {"direction": v, "mean": z}
+
+    def _load(self, model: nn.Module, name: str, state: dict) -> nn.Module:
+        return with_projection(model, name, state["direction"][None], state["mean"][None])
+
+
+class RRClArC(Reviser):
+    """``revise=rr_clarc``: fine-tune with the right-reason penalty along the direction.
+
+    Args (besides :class:`Reviser`'s):
+        epochs: passes over the training images.
+        n_train: training images (``train`` split of ``data``).
+        batch_size: images per step.
+        lr: Adam's learning rate.
+        penalty: weight ``lambda`` of the gradient penalty against the cross-entropy.
+    """
+
+    method = "rr_clarc"
+
+    def __init__(self, *args: Any, epochs: int = 5, n_train: int = 2000, batch_size: int = 64, lr: float = 1e-4,
+                 penalty: float = 1e4, per_position: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.per_position = bool(per_position)
+        self.epochs, self.n_train, self.batch_size = int(epochs), int(n_train), int(batch_size)
+        self.lr, self.penalty = float(lr), float(penalty)
+
+    def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor) -> tuple[nn.Module, dict]:
+        from harness.utils import seeded
+
+        train = self._dataset("train", self.n_train)
+        model = copy.deepcopy(model)
+        device = next(model.parameters()).device
+        x, _ = model.preprocess(train.images, None)
+        y = torch.from_numpy(train.labels)
+        gen = torch.Generator().manual_seed(self.seed)
+
+        def batches(_epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            perm = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), self.batch_size):
+                idx = perm[i:i + self.batch_size]
+                yield x[idx].to(device), y[idx].to(device)
+
+        with seeded(self.seed):
+            self.info |= rr_finetune(model, name, v, batches, epochs=self.epochs, lr=self.lr, penalty=self.penalty,
+                                 per_position=self.per_position,
+                                     seed=self.seed)
+        return model, {"state_dict": model.state_dict()}
+
+    def _load(self, model: nn.Module, name: str, state: dict) -> nn.Module:
+        model = copy.deepcopy(model)
+        model.load_state_dict(state["state_dict"])
+        return model
