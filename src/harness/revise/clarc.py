@@ -28,7 +28,7 @@ import copy
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +41,7 @@ from harness.xai.base import network
 
 log = logging.getLogger(__name__)
 POOLS = ("max", "mean", "none")
-VERSION = 1  # of the corrections' procedure: part of their cache key
+VERSION = 3  # of the corrections' procedure: part of their cache key
 
 
 def _channel_dim(a: torch.Tensor) -> int:
@@ -155,10 +155,11 @@ def with_projection(model: nn.Module, layer_name: str, directions: torch.Tensor,
 @dataclass
 class Samples:
     """Labelled samples for one artifact: images ``x`` ``[N, 3, S, S]`` (network input) and whether
-    each carries the artifact."""
+    each carries the artifact, and ``clean``, images of every class without it (for ``z``)."""
 
     x: torch.Tensor
     has_artifact: torch.Tensor
+    clean: torch.Tensor
 
 
 def labelled_samples(model: nn.Module, data: ImageSet, artifact: str, n_labelled: int, seed: int = 0) -> Samples:
@@ -184,7 +185,8 @@ def labelled_samples(model: nn.Module, data: ImageSet, artifact: str, n_labelled
     neg = same[:len(pos)]
     idx = np.concatenate([pos, neg])
     x, _ = model.preprocess([data.images[i] for i in idx], None)
-    return Samples(x, torch.from_numpy(has[idx]))
+    clean = rng.permutation(np.flatnonzero(~has))[:4 * n_labelled]
+    return Samples(x, torch.from_numpy(has[idx]), model.preprocess([data.images[i] for i in clean], None)[0])
 
 
 def freeze_through(model: nn.Module, module: nn.Module) -> list[nn.Parameter]:
@@ -196,42 +198,54 @@ def freeze_through(model: nn.Module, module: nn.Module) -> list[nn.Parameter]:
     cut = max((i for i, p in enumerate(params) if id(p) in last), default=-1)
     for i, p in enumerate(params):
         p.requires_grad_(i > cut)
-    return [p for p in params[cut + 1:]]
+    return params[cut + 1:]
 
 
-def rr_finetune(model: nn.Module, layer_name: str, direction: torch.Tensor, batches: Any, *, epochs: int,
+def _along(g: torch.Tensor, v: torch.Tensor, per_position: bool) -> torch.Tensor:
+    """The gradient ``g`` at a layer along ``v``: per image over the whole activation (a direction
+    of it, ``pool=none``), per position, or averaged over positions (a direction of channels)."""
+    if v.numel() == g[0].numel():
+        return g.flatten(1) @ v
+    g = g.movedim(_channel_dim(g), 1).flatten(2)
+    return (g.transpose(1, 2) @ v).flatten() if per_position else g.mean(2) @ v
+
+
+def rr_finetune(model: nn.Module, directions: list[tuple[str, torch.Tensor]], batches: Any, *, epochs: int,
                 lr: float, penalty: float, per_position: bool = False, seed: int = 0) -> dict[str, float]:
-    """RR-ClArC in place: cross-entropy plus ``penalty * mean_images <g, v>^2``, ``g`` the gradient
-    of the logits summed with random signs (every output in expectation) at the layer's output,
-    averaged over positions for a direction of channels (``pool`` max or mean) or whole for a
-    direction of the whole activation (``none``). The network up to the layer is frozen and
-    BatchNorm statistics are kept (the model stays in eval mode), so the direction stays valid
-    while the layers after it learn to ignore it. ``batches(epoch)`` yields ``(x, y)``."""
-    module = layer(model, layer_name)
-    v = direction.to(next(model.parameters()).device).float()
-    trainable = freeze_through(model, module)
+    """RR-ClArC in place: cross-entropy plus ``penalty * sum_directions mean_images <g, v>^2``, ``g``
+    the gradient of the logits summed with random signs (every output in expectation) at the
+    layer's output, averaged over positions for a direction of channels (``pool`` max or mean),
+    per position (``per_position``), or whole for a direction of the whole activation (``none``).
+    ``directions`` are ``(layer, v)``: the artifact of this iteration and those corrected before,
+    so that a later iteration does not learn an earlier artifact back. The network up to the
+    earliest of the layers is frozen and BatchNorm statistics are kept (the model stays in eval
+    mode), so the directions stay valid while the layers after them learn to ignore them.
+    ``batches(epoch)`` yields ``(x, y)``."""
+    device = next(model.parameters()).device
+    names = list(dict.fromkeys(name for name, _ in directions))
+    modules = {name: layer(model, name) for name in names}
+    index = {id(p): i for i, p in enumerate(network(model).parameters())}
+    first = min(names, key=lambda n: max((index[id(p)] for p in modules[n].parameters()), default=-1))
+    trainable = freeze_through(model, modules[first])
     if not trainable:
-        raise HarnessError(f"revise.layer={layer_name!r} is the network's last layer: nothing after it to fine-tune")
+        raise HarnessError(f"revise.layer={first!r} is the network's last layer: nothing after it to fine-tune")
     opt = torch.optim.Adam(trainable, lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    store: dict[str, torch.Tensor] = {}
+    stores: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
     t0, ce_sum, rr_sum, n = time.perf_counter(), 0.0, 0.0, 0
     model.eval()
     try:
-        with captured(module, store):
+        with ExitStack() as stack:
+            for name in names:
+                stack.enter_context(captured(modules[name], stores[name]))
             for epoch in range(epochs):
                 for x, y in batches(epoch):
                     logits = model(x.requires_grad_(True))  # the frozen part's output needs a graph
-                    a = store["act"]
                     signs = torch.where(torch.rand(logits.shape, generator=gen) < 0.5, -1.0, 1.0).to(logits)
-                    (g,) = torch.autograd.grad((logits * signs).sum(), a, create_graph=True)
-                    if v.numel() == g[0].numel():  # a direction of the whole activation (pool=none)
-                        along = g.flatten(1) @ v
-                    elif per_position:
-                        along = (g.movedim(_channel_dim(g), 1).flatten(2).transpose(1, 2) @ v).flatten()
-                    else:
-                        along = g.movedim(_channel_dim(g), 1).flatten(2).mean(2) @ v
-                    rr = along.pow(2).mean()
+                    grads = torch.autograd.grad((logits * signs).sum(), [stores[m]["act"] for m in names],
+                                                create_graph=True)
+                    grad = dict(zip(names, grads))
+                    rr = sum(_along(grad[m], v.to(device).float(), per_position).pow(2).mean() for m, v in directions)
                     ce = nn.functional.cross_entropy(logits, y)
                     loss = ce + penalty * rr
                     opt.zero_grad(set_to_none=True)
@@ -298,7 +312,9 @@ class Reviser:
         return {k: v for k, v in vars(self).items() if k not in ("artifacts", "cache_dir", "info")} | {
             "data": to_plain(self.data), "method": self.method, "version": VERSION}
 
-    def _dataset(self, split: str, n: int) -> ImageSet:
+    def _dataset(self, split: str, n: int, offset: int = 0) -> ImageSet:
+        """``revise.data`` with ``split`` and ``n`` set where it has them, and its ``seed`` moved
+        on by ``offset`` where it has one (generated data: fresh images)."""
         from omegaconf import OmegaConf
 
         from harness.components import build
@@ -307,6 +323,8 @@ class Reviser:
         for key, value in (("split", split), ("n", n)):
             if key in node:
                 node[key] = value
+        if offset and "seed" in node:
+            node["seed"] = int(node["seed"]) + offset
         return build(node)
 
     def layer_name(self, model: nn.Module, artifact: str | None = None) -> str:
@@ -328,6 +346,7 @@ class Reviser:
             layer(model, self.layer_name(model, artifact))
         labelled = None
         t0 = time.perf_counter()
+        self.corrected: list[tuple[str, torch.Tensor]] = []  # (layer, direction) of each iteration so far
         for k, artifact in enumerate(self.artifacts):
             name = self.layer_name(model, artifact)
             key = digest(self.method, model_digest(model), self.settings() | {"layer": name}, artifact)[:12]
@@ -335,6 +354,7 @@ class Reviser:
             if folder is not None and (folder / "revised.pt").is_file():
                 state = torch.load(folder / "revised.pt", map_location="cpu", weights_only=True)
                 model = self._load(model, name, state)
+                self.corrected.append((name, state["direction"]))
                 log.info("revise %s, iteration %d (%s): loaded from %s", self.method, k + 1, artifact, folder)
                 continue
             if labelled is None:
@@ -343,10 +363,12 @@ class Reviser:
             pool = self.pool.get(artifact, "max") if isinstance(self.pool, dict) else self.pool
             acts, full = activations(model, layer(model, name), samples.x.to(next(model.parameters()).device), pool)
             v = pattern_cav(acts, samples.has_artifact)
-            z = full[~samples.has_artifact].mean(0)
+            z = activations(model, layer(model, name), samples.clean.to(next(model.parameters()).device), pool)[1].mean(0)
             scores = (acts @ v).numpy()
             self.info[f"revise_cav_auc_{artifact}"] = _auc(scores, samples.has_artifact.numpy())
             model, state = self._correct(model, name, v, z)
+            state["direction"] = v
+            self.corrected.append((name, v))
             log.info("revise %s, iteration %d: %s corrected at %s (CAV from %d + %d samples, AUC %.3f)", self.method,
                      k + 1, artifact, name, int(samples.has_artifact.sum()), int((~samples.has_artifact).sum()),
                      self.info[f"revise_cav_auc_{artifact}"])
@@ -372,7 +394,7 @@ class Reviser:
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """Probability that a sample with the artifact scores above one without (ties half)."""
     pos, neg = scores[labels.astype(bool)], scores[~labels.astype(bool)]
-    return float(((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()))
+    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
 
 
 class PClArC(Reviser):
@@ -392,7 +414,9 @@ class RRClArC(Reviser):
 
     Args (besides :class:`Reviser`'s):
         epochs: passes over the training images.
-        n_train: training images (``train`` split of ``data``).
+        n_train: training images (``train`` split of ``data``; fresh ones each epoch where the
+            data is generated from a ``seed``, which moves on by 1000 + epoch, away from the seeds
+            the harness's own training used).
         batch_size: images per step.
         lr: Adam's learning rate.
         penalty: weight ``lambda`` of the gradient penalty against the cross-entropy.
@@ -401,7 +425,7 @@ class RRClArC(Reviser):
     method = "rr_clarc"
 
     def __init__(self, *args: Any, epochs: int = 5, n_train: int = 2000, batch_size: int = 64, lr: float = 1e-4,
-                 penalty: float = 1e4, per_position: bool = False, **kwargs: Any) -> None:
+                 penalty: float = 1e3, per_position: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.per_position = bool(per_position)
         self.epochs, self.n_train, self.batch_size = int(epochs), int(n_train), int(batch_size)
@@ -410,23 +434,23 @@ class RRClArC(Reviser):
     def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor) -> tuple[nn.Module, dict]:
         from harness.utils import seeded
 
-        train = self._dataset("train", self.n_train)
         model = copy.deepcopy(model)
         device = next(model.parameters()).device
-        x, _ = model.preprocess(train.images, None)
-        y = torch.from_numpy(train.labels)
         gen = torch.Generator().manual_seed(self.seed)
+        fresh = "seed" in self.data  # generated data: new images every epoch, as the harness trains
 
-        def batches(_epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            train = self._dataset("train", self.n_train, 1000 + epoch if fresh else 0)
+            x, _ = model.preprocess(train.images, None)
+            y = torch.from_numpy(train.labels)
             perm = torch.randperm(len(x), generator=gen)
             for i in range(0, len(x), self.batch_size):
                 idx = perm[i:i + self.batch_size]
                 yield x[idx].to(device), y[idx].to(device)
 
         with seeded(self.seed):
-            self.info |= rr_finetune(model, name, v, batches, epochs=self.epochs, lr=self.lr, penalty=self.penalty,
-                                 per_position=self.per_position,
-                                     seed=self.seed)
+            self.info |= rr_finetune(model, [*self.corrected, (name, v)], batches, epochs=self.epochs, lr=self.lr,
+                                     penalty=self.penalty, per_position=self.per_position, seed=self.seed)
         return model, {"state_dict": model.state_dict()}
 
     def _load(self, model: nn.Module, name: str, state: dict) -> nn.Module:

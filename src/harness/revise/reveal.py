@@ -58,8 +58,8 @@ class SprayReveal:
     def __init__(self, size: int = 8, n_neighbors: int = 10, max_clusters: int = 6, min_gap: float = MIN_GAP,
                  min_size: int = 3, space: str | list[str] = "maps", seed: int = 0) -> None:
         self.spaces = [space] if isinstance(space, str) else list(space)
-        if bad := [s for s in self.spaces if s not in self.SPACES] or not self.spaces:
-            raise HarnessError(f"reveal.space={bad or space!r} is not valid; valid: {', '.join(self.SPACES)}, or a list")
+        if not self.spaces or any(s not in self.SPACES for s in self.spaces):
+            raise HarnessError(f"reveal.space={space!r} is not valid; valid: {', '.join(self.SPACES)}, or a list of them")
         self.kwargs = dict(size=int(size), n_neighbors=int(n_neighbors), max_clusters=int(max_clusters),
                            min_gap=float(min_gap), min_size=int(min_size), seed=int(seed))
 
