@@ -56,6 +56,8 @@ VARIANTS: dict[tuple[str, str], str] = {
     ("dataset/imagenet_samples", "label_regex"): "the bundled samples carry their label in the file name",
     ("metrics/srg_softmax.srg_softmax", "output"): "the option is SRG on the softmax probability",
     ("metrics/srg_softmax.srg_softmax", "name"): "logged beside srg, under its own name",
+    ("metrics/artifact_mass.artifact_mass", "region"): "the option is region_mass on each image's planted artifacts",
+    ("metrics/artifact_mass.artifact_mass", "name"): "logged under its own name, beside a region_mass on a box",
     ("prompt/expert", "audience"): "the prompt's audience",
     ("prompt/security_analyst", "audience"): "the prompt's audience",
     ("prompt/security_analyst", "system"): "the prompt's system message",

@@ -30,7 +30,7 @@ def _built(option: str) -> Metric:
 
 
 def test_every_option_builds_a_metric_named_after_the_option():
-    assert len(OPTIONS) == 16
+    assert len(OPTIONS) == 17
     for option in OPTIONS:
         metric = _built(option)
         assert isinstance(metric, Metric), option

@@ -22,6 +22,8 @@ changes the artifact's pixels and nothing else: the same arguments otherwise giv
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,10 @@ _MARK_COLOURS = np.array(
 
 
 ARTIFACTS = ("corner", "bandaid", "watermark")
+#: Every artifact off, each with the class it goes with when switched on (``p > 0``).
+DEFAULT_ARTIFACTS = MappingProxyType({"corner": {"p": 0.0, "classes": ["circle"]},
+                                      "bandaid": {"p": 0.0, "classes": ["square"]},
+                                      "watermark": {"p": 0.0, "classes": ["triangle"]}})
 _CORNER_COLOUR = np.array([1.0, 1.0, 0.0], dtype=np.float32)
 _BANDAID_COLOUR = np.array([0.95, 0.78, 0.62], dtype=np.float32)
 _PAD_COLOUR = np.array([0.78, 0.58, 0.45], dtype=np.float32)
@@ -74,7 +80,7 @@ def _artifact_pixels(name: str, size: int, draw: np.ndarray) -> tuple[np.ndarray
     return mask, colour
 
 
-def check_artifacts(artifacts: dict | None, poison: Any, classes: list[str]) -> tuple[dict, list[str]]:
+def check_artifacts(artifacts: Mapping[str, Any] | None, poison: Any, classes: list[str]) -> tuple[dict, list[str]]:
     """``artifacts`` as ``{name: (p, class indices or None for every class)}`` for the artifacts
     that are on (``p > 0``), and ``poison`` as a list of names; a :class:`HarnessError` naming
     the valid options for anything else."""
@@ -185,7 +191,7 @@ def make_shapes(
     min_contrast: float = 0.4,
     spurious_prob: float = 0.0,
     spurious_size: int = 3,
-    artifacts: dict | None = None,
+    artifacts: Mapping[str, Any] | None = DEFAULT_ARTIFACTS,
     poison: list[str] | str | None = None,
 ) -> ImageSet:
     """Generate ``n`` images; the same arguments always give the same pixels.

@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -209,3 +211,28 @@ def shapes_vit(
                 meta_path.write_text(json.dumps({**meta, "config": cfg}, indent=2))
     model.info = {k: float(v) for k, v in meta.items() if isinstance(v, (int, float))}
     return model.to(device).eval()
+
+
+def shapes_cnn(
+    cache_dir: str,
+    arch: str = "harness.models.cifar_resnet.CifarResNet",
+    model_kwargs: Mapping[str, Any] = MappingProxyType({"depth": 8}),
+    train_data: dict[str, Any] | None = None,
+    n_train: int = 4000,
+    n_val: int = 1000,
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    weight_decay: float = 5e-4,
+    label_smoothing: float = 0.0,
+    seed: int = 0,
+    flip: bool = False,
+    device: str = "cpu",
+    shipped: bool = False,
+) -> Classifier:
+    """``model=resnet_shapes``: :func:`shapes_vit`'s training and cache for a CNN, by default a
+    CIFAR ResNet-8 (He et al. 2016; any module class by dotted path, built with ``num_classes``),
+    10 epochs of AdamW at 3e-3, no flips (a planted artifact keeps its place), nothing shipped."""
+    return shapes_vit(cache_dir, arch=arch, model_kwargs=dict(model_kwargs), train_data=train_data, n_train=n_train,
+                      n_val=n_val, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                      label_smoothing=label_smoothing, seed=seed, flip=flip, device=device, shipped=shipped)
