@@ -117,7 +117,7 @@ class RegionMass(Metric):
         a = np.asarray(attributions, dtype=np.float64)
         if a.ndim != 3:
             raise ValueError(f"attributions must be [N, H, W], got shape {a.shape}")
-        n, h, w = a.shape
+        n = a.shape[0]
         where = self._masks(regions, a.shape)
         area_share = where.mean((1, 2))
         pos = np.clip(a, 0, None)
