@@ -98,8 +98,16 @@ def test_the_projection_removes_the_direction_and_leaves_the_model_alone():
     torch.testing.assert_close(model(x), before)  # the original is untouched
     assert model_digest(model) == digest != model_digest(fixed)
     assert "net.layer2.clarc_directions" in fixed.state_dict()
-    again = with_projection(fixed, "layer2", v[None], z[None])  # a second artifact joins the first
+    w = torch.nn.functional.normalize(torch.randn(32) + 2 * v, dim=0)  # far from orthogonal to v
+    z2 = torch.randn(32, 16, 16)
+    again = with_projection(fixed, "layer2", w[None], z2[None])  # a second artifact joins the first
     assert again.net.layer2.clarc_directions.shape == (2, 32)
+    _, acts = activations(again, again.net.layer2, x)
+    for d, m in ((v, z), (w, z2)):  # both removed together: the second does not bring the first back
+        along = torch.einsum("nchw,c->nhw", acts, d)
+        torch.testing.assert_close(along, torch.einsum("chw,c->hw", m, d).expand_as(along), rtol=1e-4, atol=1e-4)
+    with pytest.raises(HarnessError, match="one revise.pool kind per layer"):
+        with_projection(fixed, "layer2", torch.ones(1, 32 * 16 * 16), torch.zeros(1, 32, 16, 16))
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +158,8 @@ def test_correcting_the_corner_tag(models, method):
     cfg = make_cfg(["experiment=reveal_revise", f"r2r_method={method}", "revise.artifacts=[corner]",
                     f"paths.cache_dir={models['cache']}", "model.epochs=4", "model.n_train=3000",
                     *(f"model.train_data.artifacts.{a}.p=0.9" for a in ARTIFACTS)])
+    x = tensor(make_shapes(n=16, poison=["corner"]).images)
+    before = models["shortcut"].predict(x)
     base = _scores(models["shortcut"])
     reviser = build(cfg.revise)
     fixed = reviser(models["shortcut"])
@@ -159,12 +169,16 @@ def test_correcting_the_corner_tag(models, method):
     gap_before, gap_after = base["acc_clean"] - base["acc_corner"], after["acc_clean"] - after["acc_corner"]
     assert gap_after < 0.5 * gap_before, (base, after)
     assert after["acc_clean"] >= base["acc_clean"] - 0.03, (base, after)
-    assert reviser.info["revise_cav_auc_corner"] > 0.95
-    # cached by content: the second call loads the same correction
-    again = build(cfg.revise)(models["shortcut"])
-    x = tensor(make_shapes(n=16, poison=["corner"]).images)
+    # cached by content: the second call loads the same correction, and its scores, from the cache
+    saved = list((models["cache"] / "models").glob(f"{method}-*/revised.pt"))
+    assert len(saved) == 1
+    stamp = saved[0].stat().st_mtime_ns
+    again_reviser = build(cfg.revise)
+    again = again_reviser(models["shortcut"])
+    assert saved[0].stat().st_mtime_ns == stamp  # loaded, not computed again
+    assert again_reviser.info["revise_cav_auc_corner"] == reviser.info["revise_cav_auc_corner"]
     torch.testing.assert_close(again.predict(x), fixed.predict(x))
-    assert torch.equal(models["shortcut"].predict(x), models["shortcut"].predict(x))  # the base is unchanged
+    torch.testing.assert_close(models["shortcut"].predict(x), before)  # the base model is unchanged
 
 
 def test_spray_finds_the_corner_tag_of_the_shortcut_model_only(models):

@@ -129,6 +129,8 @@ def bench_metric(name: str, metric: Any, model: torch.nn.Module, x: torch.Tensor
     row: dict[str, Any] = {c: None for c in COLUMNS} | {"metric": name, "status": "ok", "notes": ""}
     if metric.needs_masks and masks is None:
         return row | {"status": "n/a", "notes": "n/a (the dataset has no masks)"}
+    if metric.needs_regions:  # a readout of the data's planted artifacts: nothing to time on the benchmark's data
+        return row | {"status": "n/a", "notes": "n/a (reads the data's named regions)"}
     kwargs = {"explain": explain_fn} if metric.needs_explainer else {}
     n, dev = len(x), x.device
     fwd = metric.forward_passes(tuple(x.shape[-2:]))

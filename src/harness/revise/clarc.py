@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ from harness.xai.base import network
 
 log = logging.getLogger(__name__)
 POOLS = ("max", "mean", "none")
-VERSION = 3  # of the corrections' procedure: part of their cache key
+VERSION = 4  # of the corrections' procedure: part of their cache key
 
 
 def _channel_dim(a: torch.Tensor) -> int:
@@ -113,23 +114,24 @@ def pattern_cav(acts: torch.Tensor, has_artifact: torch.Tensor) -> torch.Tensor:
 
 
 def project(a: torch.Tensor, directions: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
-    """``a`` with each direction ``v`` (rows of ``directions`` ``[K, C]``) projected out in turn,
-    ``a <- a - v <v, a - z>`` along the channel dimension at every position, ``z`` (``means[k]``,
-    shaped as one image's activation) the mean activation of samples without the artifact at
-    that position. Directions as long as a whole activation (``pool=none``) are projected out of
-    the flattened activation instead."""
-    if directions.shape[1] == a[0].numel():
+    """``a`` with the directions ``V`` (rows of ``directions``, ``[K, C]``) projected out together,
+    along the channel dimension at every position: ``a <- a - V^T G^+ (V a - c)``, ``G = V V^T``,
+    ``c_k = <v_k, z_k>`` with ``z_k`` (``means[k]``, shaped as one image's activation) the mean
+    activation of samples without artifact ``k`` at that position. Afterwards ``<v_k, a> = c_k``
+    for every ``k``; for one direction this is ``a - v <v, a - z>``. (Projecting them out one after
+    the other would bring back part of an earlier one when the directions are not orthogonal.)
+    Directions as long as a whole activation (``pool=none``) act on the flattened activation."""
+    v = directions.to(a.dtype)
+    gram_inv = torch.linalg.pinv(v @ v.T)
+    if v.shape[1] == a[0].numel():
         flat = a.flatten(1)
-        for v, z in zip(directions.to(a.dtype), means.to(a.dtype)):
-            flat = flat - v[None] * ((flat - z.flatten()[None]) @ v)[:, None]
-        return flat.view_as(a)
+        c = (v * means.to(a.dtype).flatten(1)).sum(1)  # [K]
+        return (flat - ((flat @ v.T - c) @ gram_inv) @ v).view_as(a)
     dim = _channel_dim(a)
-    shape = [1] * a.ndim
-    shape[dim] = -1
-    for v, z in zip(directions.to(a.dtype), means.to(a.dtype)):
-        v = v.view(shape)
-        a = a - v * ((a - z[None]) * v).sum(dim, keepdim=True)
-    return a
+    last = a.movedim(dim, -1)  # [N, ..., C]
+    z = means.to(a.dtype).movedim(dim, -1)  # [K, ..., C] (means has K where a has N)
+    c = (z * v.view(len(v), *[1] * (z.ndim - 2), -1)).sum(-1).movedim(0, -1)  # [..., K]
+    return (last - ((last @ v.T - c) @ gram_inv) @ v).movedim(-1, dim)
 
 
 def _projection_hook(module: nn.Module, _inp: Any, out: torch.Tensor) -> torch.Tensor:
@@ -142,6 +144,9 @@ def with_projection(model: nn.Module, layer_name: str, directions: torch.Tensor,
     model = copy.deepcopy(model)
     module = layer(model, layer_name)
     if hasattr(module, "clarc_directions"):
+        if module.clarc_directions.shape[1] != directions.shape[1]:
+            raise HarnessError(f"revise: layer {layer_name} already projects directions of {module.clarc_directions.shape[1]} "
+                               f"values, this one has {directions.shape[1]}: one revise.pool kind per layer")
         directions = torch.cat([module.clarc_directions, directions.to(module.clarc_directions)])
         means = torch.cat([module.clarc_means, means.to(module.clarc_means)])
     else:
@@ -189,16 +194,26 @@ def labelled_samples(model: nn.Module, data: ImageSet, artifact: str, n_labelled
     return Samples(x, torch.from_numpy(has[idx]), model.preprocess([data.images[i] for i in clean], None)[0])
 
 
+def _end(net: nn.Module, module: nn.Module) -> int:
+    """Position just after ``module`` and its submodules in the network's module order
+    (registration order, depth first: the forward order of the usual networks)."""
+    mods = list(net.modules())
+    start = next(i for i, m in enumerate(mods) if m is module)
+    return start + len(list(module.modules()))
+
+
 def freeze_through(model: nn.Module, module: nn.Module) -> list[nn.Parameter]:
-    """Stop gradients to every parameter of the network up to and including ``module``'s (in
-    registration order, which is the forward order of the usual networks), so that the layer's
-    activations, where the CAV lives, stay as they were. Returns the parameters left to train."""
-    last = {id(p) for p in module.parameters()}
-    params = list(network(model).parameters())
-    cut = max((i for i, p in enumerate(params) if id(p) in last), default=-1)
-    for i, p in enumerate(params):
-        p.requires_grad_(i > cut)
-    return params[cut + 1:]
+    """Stop gradients to every parameter of the modules up to and including ``module`` (and its
+    submodules) in the network's module order, and to the network's own parameters (a ViT's
+    position embedding), so that the layer's activations, where the CAV lives, stay as they were;
+    a module without parameters (a ReLU) freezes what comes before it. Returns the parameters
+    left to train."""
+    net = network(model)
+    before = {id(p) for m in list(net.modules())[:_end(net, module)] for p in m.parameters(recurse=False)}
+    params = list(net.parameters())
+    for p in params:
+        p.requires_grad_(id(p) not in before)
+    return [p for p in params if id(p) not in before]
 
 
 def _along(g: torch.Tensor, v: torch.Tensor, per_position: bool) -> torch.Tensor:
@@ -224,8 +239,7 @@ def rr_finetune(model: nn.Module, directions: list[tuple[str, torch.Tensor]], ba
     device = next(model.parameters()).device
     names = list(dict.fromkeys(name for name, _ in directions))
     modules = {name: layer(model, name) for name in names}
-    index = {id(p): i for i, p in enumerate(network(model).parameters())}
-    first = min(names, key=lambda n: max((index[id(p)] for p in modules[n].parameters()), default=-1))
+    first = min(names, key=lambda n: _end(network(model), modules[n]))
     trainable = freeze_through(model, modules[first])
     if not trainable:
         raise HarnessError(f"revise.layer={first!r} is the network's last layer: nothing after it to fine-tune")
@@ -274,8 +288,8 @@ class Reviser:
         data: dataset config of the labelled samples (and RR-ClArC's training images);
             ``split`` and ``n`` are set here where the dataset has them.
         layer: the module whose output carries the direction (``auto``: CRP's default, a CNN's
-            last spatial stage, a ViT's last-but-one block); a mapping ``artifact -> layer`` sets
-            it per artifact (unnamed ones: ``auto``).
+            last module with a spatial map, a ViT's last-but-one block); a mapping
+            ``artifact -> layer`` sets it per artifact (unnamed ones: ``auto``).
         pool: how the CAV sees the layer: ``max`` or ``mean`` over positions (a direction of
             channels, projected out at every position: for an artifact that moves), or ``none``
             (the whole activation: for one at a fixed place); a mapping ``artifact -> pool``
@@ -288,7 +302,8 @@ class Reviser:
 
     method = "revise"
 
-    def __init__(self, artifacts: list[str] = (), data: Any = None, layer: str = "auto", pool: str = "max",
+    def __init__(self, artifacts: list[str] = (), data: Any = None, layer: str | Mapping[str, str] = "auto",
+                 pool: str | Mapping[str, str] = "max",
                  n_labelled: int = 32, n_pool: int = 2000, cache_dir: str | None = None, seed: int = 0) -> None:
         for value in (pool.values() if isinstance(pool, dict) or hasattr(pool, "items") else [pool]):
             if value not in POOLS:
@@ -305,12 +320,19 @@ class Reviser:
         self.n_labelled, self.n_pool, self.cache_dir, self.seed = int(n_labelled), int(n_pool), cache_dir, int(seed)
         self.info: dict[str, float] = {}
 
-    def settings(self) -> dict[str, Any]:
-        """What, besides the starting model, decides an iteration's result (its cache key)."""
+    def pool_for(self, artifact: str) -> str:
+        return self.pool.get(artifact, "max") if isinstance(self.pool, dict) else self.pool
+
+    def settings(self, artifact: str | None = None) -> dict[str, Any]:
+        """What, besides the starting model, decides ``artifact``'s iteration (its cache key):
+        its own layer and pool, not those the mappings give other artifacts."""
         from harness.utils import to_plain
 
-        return {k: v for k, v in vars(self).items() if k not in ("artifacts", "cache_dir", "info")} | {
-            "data": to_plain(self.data), "method": self.method, "version": VERSION}
+        skip = ("artifacts", "cache_dir", "info", "corrected", "layer", "pool")
+        return {k: v for k, v in vars(self).items() if k not in skip} | {
+            "data": to_plain(self.data), "method": self.method, "version": VERSION,
+            "layer": self.layer.get(artifact, "auto") if isinstance(self.layer, dict) else self.layer,
+            "pool": self.pool_for(artifact) if artifact else self.pool}
 
     def _dataset(self, split: str, n: int, offset: int = 0) -> ImageSet:
         """``revise.data`` with ``split`` and ``n`` set where it has them, and its ``seed`` moved
@@ -335,7 +357,6 @@ class Reviser:
         return default_layer(model) if name == "auto" else name
 
     def __call__(self, model: nn.Module) -> nn.Module:
-        import json
         from pathlib import Path
 
         from harness.cache import digest, model_digest
@@ -349,46 +370,74 @@ class Reviser:
         self.corrected: list[tuple[str, torch.Tensor]] = []  # (layer, direction) of each iteration so far
         for k, artifact in enumerate(self.artifacts):
             name = self.layer_name(model, artifact)
-            key = digest(self.method, model_digest(model), self.settings() | {"layer": name}, artifact)[:12]
+            key = digest(self.method, model_digest(model), self.settings(artifact) | {"layer": name}, artifact)[:12]
             folder = None if self.cache_dir is None else Path(self.cache_dir) / "models" / f"{self.method}-{key}"
-            if folder is not None and (folder / "revised.pt").is_file():
-                state = torch.load(folder / "revised.pt", map_location="cpu", weights_only=True)
-                model = self._load(model, name, state)
-                self.corrected.append((name, state["direction"]))
-                log.info("revise %s, iteration %d (%s): loaded from %s", self.method, k + 1, artifact, folder)
-                continue
-            if labelled is None:
-                labelled = self._dataset("val", self.n_pool)
-            samples = labelled_samples(model, labelled, artifact, self.n_labelled, self.seed + k)
-            pool = self.pool.get(artifact, "max") if isinstance(self.pool, dict) else self.pool
-            acts, full = activations(model, layer(model, name), samples.x.to(next(model.parameters()).device), pool)
-            v = pattern_cav(acts, samples.has_artifact)
-            z = activations(model, layer(model, name), samples.clean.to(next(model.parameters()).device), pool)[1].mean(0)
-            scores = (acts @ v).numpy()
-            self.info[f"revise_cav_auc_{artifact}"] = _auc(scores, samples.has_artifact.numpy())
-            model, state = self._correct(model, name, v, z)
-            state["direction"] = v
-            self.corrected.append((name, v))
-            log.info("revise %s, iteration %d: %s corrected at %s (CAV from %d + %d samples, AUC %.3f)", self.method,
-                     k + 1, artifact, name, int(samples.has_artifact.sum()), int((~samples.has_artifact).sum()),
-                     self.info[f"revise_cav_auc_{artifact}"])
-            if folder is not None:
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / ".revised.pt.tmp"
-                torch.save(state, tmp)
-                (folder / "meta.json").write_text(json.dumps({"artifact": artifact, "iteration": k + 1, "layer": name,
-                                                              **self.settings(), **self.info}, indent=2, default=str))
-                tmp.replace(folder / "revised.pt")
+            with _locked(folder):  # parallel jobs of a sweep: one computes, the others wait and load
+                model, labelled = self._iteration(model, k, artifact, name, folder, labelled)
         self.info["revise_iterations"] = float(len(self.artifacts))
         self.info["revise_seconds"] = time.perf_counter() - t0
         model.info = {**getattr(model, "info", {}), **self.info}
         return model.eval()
 
-    def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor) -> tuple[nn.Module, dict]:
+    def _iteration(self, model: nn.Module, k: int, artifact: str, name: str, folder: Any,
+                   labelled: ImageSet | None) -> tuple[nn.Module, ImageSet | None]:
+        """Iteration ``k``: correct ``artifact`` at layer ``name``, or load that from ``folder``."""
+        import json
+
+        if folder is not None and (folder / "revised.pt").is_file():
+            state = torch.load(folder / "revised.pt", map_location="cpu", weights_only=True)
+            model = self._load(model, name, state)
+            self.corrected.append((name, state["direction"]))
+            self.info |= {k_: float(v) for k_, v in json.loads((folder / "meta.json").read_text())["info"].items()}
+            log.info("revise %s, iteration %d (%s): loaded from %s", self.method, k + 1, artifact, folder)
+            return model, labelled
+        if labelled is None:
+            labelled = self._dataset("val", self.n_pool)
+        samples = labelled_samples(model, labelled, artifact, self.n_labelled, self.seed + k)
+        pool = self.pool_for(artifact)
+        acts, _ = activations(model, layer(model, name), samples.x.to(next(model.parameters()).device), pool)
+        v = pattern_cav(acts, samples.has_artifact)
+        z = activations(model, layer(model, name), samples.clean.to(next(model.parameters()).device), pool)[1].mean(0)
+        scores = (acts @ v).numpy()
+        info = {f"revise_cav_auc_{artifact}": _auc(scores, samples.has_artifact.numpy())}
+        model, state, extra = self._correct(model, name, v, z)
+        info |= {f"{k_}_{artifact}": v_ for k_, v_ in extra.items()}
+        self.info |= info
+        state["direction"] = v
+        self.corrected.append((name, v))
+        log.info("revise %s, iteration %d: %s corrected at %s (CAV from %d + %d samples, AUC %.3f)", self.method,
+                 k + 1, artifact, name, int(samples.has_artifact.sum()), int((~samples.has_artifact).sum()),
+                 info[f"revise_cav_auc_{artifact}"])
+        if folder is not None:
+            tmp = folder / f".revised.pt.{os.getpid()}.tmp"
+            torch.save(state, tmp)
+            (folder / "meta.json").write_text(json.dumps({"artifact": artifact, "iteration": k + 1, "layer": name,
+                                                          **self.settings(artifact), "info": info}, indent=2,
+                                                         default=str))
+            tmp.replace(folder / "revised.pt")  # last: its presence means complete
+        return model, labelled
+
+    def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor,
+                 ) -> tuple[nn.Module, dict, dict[str, float]]:
+        """The corrected copy, what to cache of it, and scores to log (suffixed with the artifact)."""
         raise NotImplementedError
 
     def _load(self, model: nn.Module, name: str, state: dict) -> nn.Module:
         raise NotImplementedError
+
+
+@contextmanager
+def _locked(folder: Any) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (created) while open; nothing without a folder."""
+    if folder is None:
+        yield
+        return
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -402,8 +451,9 @@ class PClArC(Reviser):
 
     method = "p_clarc"
 
-    def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor) -> tuple[nn.Module, dict]:
-        return with_projection(model, name, v[None], z[None]), {"direction": v, "mean": z}
+    def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor,
+                 ) -> tuple[nn.Module, dict, dict[str, float]]:
+        return with_projection(model, name, v[None], z[None]), {"direction": v, "mean": z}, {}
 
     def _load(self, model: nn.Module, name: str, state: dict) -> nn.Module:
         return with_projection(model, name, state["direction"][None], state["mean"][None])
@@ -431,7 +481,8 @@ class RRClArC(Reviser):
         self.epochs, self.n_train, self.batch_size = int(epochs), int(n_train), int(batch_size)
         self.lr, self.penalty = float(lr), float(penalty)
 
-    def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor) -> tuple[nn.Module, dict]:
+    def _correct(self, model: nn.Module, name: str, v: torch.Tensor, z: torch.Tensor,
+                 ) -> tuple[nn.Module, dict, dict[str, float]]:
         from harness.utils import seeded
 
         model = copy.deepcopy(model)
@@ -449,9 +500,9 @@ class RRClArC(Reviser):
                 yield x[idx].to(device), y[idx].to(device)
 
         with seeded(self.seed):
-            self.info |= rr_finetune(model, [*self.corrected, (name, v)], batches, epochs=self.epochs, lr=self.lr,
-                                     penalty=self.penalty, per_position=self.per_position, seed=self.seed)
-        return model, {"state_dict": model.state_dict()}
+            scores = rr_finetune(model, [*self.corrected, (name, v)], batches, epochs=self.epochs, lr=self.lr,
+                                 penalty=self.penalty, per_position=self.per_position, seed=self.seed)
+        return model, {"state_dict": model.state_dict()}, scores
 
     def _load(self, model: nn.Module, name: str, state: dict) -> nn.Module:
         model = copy.deepcopy(model)

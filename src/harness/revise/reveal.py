@@ -60,8 +60,8 @@ class SprayReveal:
         self.spaces = [space] if isinstance(space, str) else list(space)
         if not self.spaces or any(s not in self.SPACES for s in self.spaces):
             raise HarnessError(f"reveal.space={space!r} is not valid; valid: {', '.join(self.SPACES)}, or a list of them")
-        self.kwargs = dict(size=int(size), n_neighbors=int(n_neighbors), max_clusters=int(max_clusters),
-                           min_gap=float(min_gap), min_size=int(min_size), seed=int(seed))
+        self.kwargs = {"size": int(size), "n_neighbors": int(n_neighbors), "max_clusters": int(max_clusters),
+                       "min_gap": float(min_gap), "min_size": int(min_size), "seed": int(seed)}
 
     def __call__(self, features: dict[str, np.ndarray], labels: np.ndarray,
                  regions: dict[str, np.ndarray] | None = None, ids: list[str] | None = None) -> Revealed:
