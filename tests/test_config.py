@@ -98,7 +98,8 @@ def test_model_options_build(option, cache_dir, trained_vit, tmp_path):
             intermediate_size=32, num_labels=3)).save_pretrained(tmp_path / "vit")
     extra = {"timm": ["model.name=vit_tiny_patch16_224", "model.num_classes=3"],
              "hf": [f"model.path={tmp_path / 'vit'}"],
-             "vit_b16_imagenet": ["model.pretrained=false"]}.get(option, [])  # no hub weights here
+             "vit_b16_imagenet": ["model.pretrained=false"],  # no hub weights here
+             "resnet_shapes": ["model.epochs=1"]}.get(option, [])  # builds and trains as configured, briefly
     cfg = make_cfg([f"model={option}", f"paths.cache_dir={cache_dir}", f"paths.shared_data={SHARED}", *extra])
     model = instantiate(cfg.model)
     x, _ = model.preprocess([np.zeros((40, 50, 3), np.uint8)])

@@ -18,6 +18,7 @@ from harness.data.shapes import make_shapes
 from harness.models.hf import hf_model
 from harness.types import HarnessError
 from test_xai_suite import FAST, XAI
+from harness.tracking.mlflow_tracker import run_summary
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -177,7 +178,7 @@ def test_a_job_runs_saliency_and_srg(folders, tmp_path, model):
     summary = run(cfg, {"tags": {}, "choices": {"model": model}, "output_dir": None})
     assert np.isfinite(summary["srg"])
     (r,) = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_runs(["1"])
-    assert r.info.status == "FINISHED" and "srg" in r.data.metrics
+    assert r.info.status == "FINISHED" and "srg" in run_summary(r)
 
 
 @pytest.mark.parametrize("kind", ["vit", "convnext"])

@@ -4,6 +4,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import run_harness
+from harness.tracking.mlflow_tracker import run_summary
 
 
 def store_args(tmp_path, cache_dir) -> list[str]:
@@ -22,7 +23,7 @@ def test_joblib_three_jobs_two_workers_one_sqlite_store(tmp_path, cache_dir, tra
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert sorted(x.data.tags["choice.xai"] for x in runs) == ["ixg", "random", "saliency"]
     for run in runs:
-        assert run.info.status == "FINISHED" and run.data.metrics["n_images"] == 3
+        assert run.info.status == "FINISHED" and run_summary(run)["n_images"] == 3
         files = {f.path for f in client.list_artifacts(run.info.run_id)}
         assert {"attributions.npz", "per_image.json", "answers.jsonl"} <= files
     assert len({x.data.tags["hydra_job_num"] for x in runs}) == 3
@@ -68,4 +69,4 @@ def test_optuna_tunes_an_explainer_against_a_score(tmp_path, cache_dir, trained_
     assert len(runs) == 3 and all(x.info.status == "FINISHED" for x in runs)
     assert len({x.data.params["xai.noise_level"] for x in runs}) == 3
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
-    assert best["best_value"] == pytest.approx(max(x.data.metrics["srg"] for x in runs))
+    assert best["best_value"] == pytest.approx(max(run_summary(x)["srg"] for x in runs))

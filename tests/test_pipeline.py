@@ -7,6 +7,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import make_cfg, run_harness
+from harness.tracking.mlflow_tracker import run_summary
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_two_jobs_two_finished_runs(sweep):
 def test_params_metrics_tags(sweep):
     _, runs = sweep
     for run in runs.values():
-        p, m, t = run.data.params, run.data.metrics, run.data.tags
+        p, m, t = run.data.params, run_summary(run), run.data.tags
         assert p["dataset.n"] == "6" and p["model.arch"] == "vit_tiny_patch16_224" and p["seed"] == "0"
         for key in ("accuracy", "srg", "srg_sem", "srg_ci95_low", "srg_ci95_high", "pointing_game",
                     "model_val_accuracy", "wall_seconds"):
@@ -43,7 +44,14 @@ def test_params_metrics_tags(sweep):
         assert m["n_images"] == 6 and m["model_val_accuracy"] >= 0.9
         assert t["seed"] == "0" and t["version.torch"] and t["version.mlflow"]
         assert len(t["git_commit"]) == 40
+        # the UI's layout: the headline scores (mean and sem) as metrics, the rest as summary tags
+        assert {"accuracy", "srg", "srg_sem", "pointing_game", "pointing_game_sem"} <= set(run.data.metrics)
+        assert not set(run.data.metrics) & {"srg_ci95_low", "n_images", "wall_seconds", "model_val_accuracy"}
+        assert float(t["summary.srg_ci95_low"]) == m["srg_ci95_low"] and "summary.seconds_explain" in t
     assert runs["IntegratedGradients"].data.params["xai.n_steps"] == "32"
+    client, _ = sweep
+    (eid,) = {r.info.experiment_id for r in runs.values()}
+    assert client.get_experiment(eid).tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens its classic view
 
 
 def test_artifacts(sweep, tmp_path):
@@ -59,7 +67,7 @@ def test_artifacts(sweep, tmp_path):
         assert len(table["data"]) == 6 and "srg" in table["columns"] and "pointing_game" in table["columns"]
         col = table["columns"].index("srg")
         mean = np.mean([row[col] for row in table["data"]])
-        assert mean == pytest.approx(run.data.metrics["srg"], rel=1e-6)  # the table backs the metric
+        assert mean == pytest.approx(run_summary(run)["srg"], rel=1e-6)  # the table backs the metric
 
 
 def test_ig_after_attnlrp_equals_ig_alone(sweep, trained_vit, tmp_path):
@@ -123,7 +131,7 @@ def test_every_metric_family_in_one_run(tmp_path, cache_dir, trained_vit):
     assert r.returncode == 0, r.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    m, t = run.data.metrics, run.data.tags
+    m, t = run_summary(run), run.data.tags
     for score in ("srg", "pixel_flipping", "region_perturbation_morf_aopc", "region_perturbation_lerf_aopc",
                   "faithfulness_correlation", "road_morf", "max_sensitivity", "emprt", "random_logit",
                   "sparseness", "complexity", "pointing_game", "relevance_rank_accuracy", "localisation_auc"):
@@ -156,8 +164,8 @@ def test_stage_cache_and_resume(tmp_path, cache_dir, trained_vit):
     assert "sweep: job 1 of 2 (xai=random" in r.stderr and "sweep: job 2 of 2 (xai=saliency" in r.stderr
     assert "hits_predictions 1" in r.stdout and "misses_attributions 2" in r.stdout
     first = runs()
-    assert [x.data.metrics["cache_misses_attributions"] for x in first] == [1, 1]
-    assert [x.data.metrics["cache_hits_predictions"] for x in first] == [0, 1]  # same data and model
+    assert [run_summary(x)["cache_misses_attributions"] for x in first] == [1, 1]
+    assert [run_summary(x)["cache_hits_predictions"] for x in first] == [0, 1]  # same data and model
     r = run_harness("-m", "xai=random,saliency", f"hydra.sweep.dir={tmp_path}/s2", *store)
     assert r.returncode == 0 and "sweep: 2 of 2 jobs already finished: skipped" in r.stderr
     assert "sweep: 2 jobs: 0 finished, 2 skipped (already finished), 0 failed" in r.stdout
@@ -165,8 +173,8 @@ def test_stage_cache_and_resume(tmp_path, cache_dir, trained_vit):
     r = run_harness("xai=saliency", "resume=false", f"hydra.run.dir={tmp_path}/r3", *store)
     assert r.returncode == 0, r.stderr[-3000:]
     third = runs()[-1]
-    assert third.data.metrics["cache_hits_attributions"] == 1 and third.data.metrics["cache_hits_predictions"] == 1
-    assert third.data.metrics["answer_cache_hits"] == 3
+    assert run_summary(third)["cache_hits_attributions"] == 1 and run_summary(third)["cache_hits_predictions"] == 1
+    assert run_summary(third)["answer_cache_hits"] == 3
     client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
     saliency = next(x for x in first if x.data.tags["choice.xai"] == "saliency")
     a = np.load(client.download_artifacts(saliency.info.run_id, "attributions.npz", str(tmp_path / "d1")))

@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 
 from conftest import ROOT, make_cfg, run_harness
 from harness.report.tables import fmt
+from harness.tracking.mlflow_tracker import run_summary
 
 PRESETS = sorted(p.stem for p in (ROOT / "experiments" / "experiment").glob("*.yaml"))
 FIGURES = ("heatmaps", "curves", "figure1", "text_metrics")
@@ -79,15 +80,15 @@ def test_table_numbers_are_the_runs_metrics(report):
     assert sorted(table["xai"].unique()) == sorted(runs) == ["gradcam", "ig", "random", "saliency", "smoothgrad"]
     assert set(table["score"]) == {"srg", "srg_morf_auc", "srg_lerf_auc"}  # the faithfulness family only
     for row in table.itertuples():
-        m = runs[row.xai].data.metrics
+        m = run_summary(runs[row.xai])
         assert row.run_id == runs[row.xai].info.run_id
         assert row.mean == m[row.score] and row.sem == m[f"{row.score}_sem"]
     # best per column: by direction (SRG and LeRF higher, MoRF lower is better)
     for score, best in (("srg", max), ("srg_lerf_auc", max), ("srg_morf_auc", min)):
         col = table[table["score"] == score]
-        winner = best(runs, key=lambda x: runs[x].data.metrics[score])
+        winner = best(runs, key=lambda x: run_summary(runs[x])[score])
         assert col.loc[col["best"], "xai"].tolist() == [winner]
-        m = runs[winner].data.metrics
+        m = run_summary(runs[winner])
         line = next(x for x in (out / "faithfulness.md").read_text().splitlines() if x.startswith(f"| {winner} |"))
         assert f"**{fmt(m[score], m[f'{score}_sem'])}**" in line
     tex = (out / "faithfulness.tex").read_text()

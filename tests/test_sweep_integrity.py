@@ -63,6 +63,7 @@ KILL_POINTS = [("stage predict ...", 1), ("stage explain ...", 1), ("stage metri
                ("stage artifacts ...", 1), ("stage language ...", 1), ("sweep: job 2 of", 1)]
 
 
+@pytest.mark.slow  # about 95 s; tests/test_resume.py kills and resumes a sweep in CI
 def test_kills_at_every_stage_then_resume(tmp_path, cache_dir, trained_vit):
     """Six SIGKILLs, each at another point of a job, each followed by resuming the sweep: every
     configuration ends as exactly one FINISHED run, the killed runs as KILLED (not RUNNING

@@ -26,6 +26,7 @@ FAST = {"lime": ["xai.num_samples=150"], "kernelshap": ["xai.n_samples=150"],
         "partition_shap": ["xai.max_evals=150"]}
 
 
+@pytest.mark.slow  # about 4-7 min on 2 cores: the ViT trained from scratch
 def test_training_reproduces_the_shipped_weights(tmp_path):
     """The shipped weights are what training the default config produces: trained again here from
     scratch (shipped=false), the weights are bit-identical on a machine like the one that trained

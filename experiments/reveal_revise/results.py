@@ -16,6 +16,8 @@ import argparse
 import ast
 from pathlib import Path
 
+from harness.tracking.mlflow_tracker import run_summary
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ("corner", "bandaid", "watermark")
 
@@ -31,7 +33,7 @@ def runs_by_cell(client, experiment: str) -> dict[tuple[str, int, str], dict[str
             continue
         method = p["revise._target_"].rsplit(".", 1)[-1]
         iteration = len(ast.literal_eval(p.get("revise.artifacts", "[]")))
-        cells[(method, iteration, p["test_set"])] = r.data.metrics
+        cells[(method, iteration, p["test_set"])] = run_summary(r)
     return cells
 
 

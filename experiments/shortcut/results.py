@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from harness.tracking.mlflow_tracker import run_summary
+
 ROOT = Path(__file__).resolve().parents[2]
 BOX = (0, 0, 3, 3)
 
@@ -54,7 +56,7 @@ def main() -> None:
     top, left, bottom, right = BOX
     with tempfile.TemporaryDirectory() as tmp:
         for r in runs:
-            p, m, rid = r.data.params, r.data.metrics, r.info.run_id
+            p, m, rid = r.data.params, run_summary(r), r.info.run_id
             d = str(Path(tmp) / rid)
             rma = np.asarray(table(client.download_artifacts(rid, "per_image.json", d))["relevance_mass_accuracy"],
                              dtype=float)

@@ -23,7 +23,7 @@ from harness.mllm.stage import summary as language_summary
 from harness.secrets import redacted_config
 from harness.models.stage import check_target, model_inputs, predictions
 from harness.tracking.artifacts import log_artifacts
-from harness.tracking.mlflow_tracker import flatten
+from harness.tracking.mlflow_tracker import flatten, run_summary
 from harness.utils import rng_restored, seed_everything, to_plain
 from harness.xai.stage import attributions, explain
 
@@ -76,14 +76,14 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
         log.info("job already finished as run %s (same resolved config): skipped; resume=false runs it again",
                  done.info.run_id)
         resume.mark_skipped(done.info.run_id, context["output_dir"])
-        return {**done.data.metrics, "skipped": 1.0}
+        return {**run_summary(done), "skipped": 1.0}
     # the job seeds the global RNGs (below) for itself only: the caller's states come back when it ends
     with rng_restored(), tracker.start_run(cfg.run_name, tags=_run_tags(cfg, context, config_hash)) as rec:
         if cfg.get("resume", False) and (done_id := rec.claim(config_hash)) is not None:
             log.info("job finished meanwhile as run %s (same resolved config): skipped", done_id)
             rec.discard()  # this run did nothing: deleted, the claim protocol's loser
             resume.mark_skipped(done_id, context["output_dir"])
-            return {**tracker.client().get_run(done_id).data.metrics, "skipped": 1.0}
+            return {**run_summary(tracker.client().get_run(done_id)), "skipped": 1.0}
         rec.params(flatten(to_plain(cfg)))
         rec.text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         seed_everything(cfg.seed)
@@ -141,23 +141,27 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
                 from harness.revise.reveal import log_reveal
 
                 log_reveal(rec, revealed, list(c.data.class_names))
-        summary = {
+        scores = aggregate(per_image) | aggregate(text_scores)
+        intervals = {k: scores.pop(k) for k in list(scores) if k.endswith(("_ci95_low", "_ci95_high"))}
+        headline_scores = {  # the science, mean and sem: what a sweep's runs are compared by in the UI
             "accuracy": float((pred.preds == inputs.labels).float().mean()),
+            **scores,
+            **(concepts.summary if concepts is not None else {}),
+            **(revealed.summary if revealed is not None else {}),
+        }
+        diagnostics = {
             "n_images": float(len(c.data)),
             "n_skipped": float(len(c.data.skipped)),
             "explain_seconds_per_image": seconds["explain"] / len(c.data),  # a cache hit: the time to load the maps
             **cache.counts(),
             "n_metric_errors": float(sum(len(r.errors) for r in results.values())),
             **{f"model_{k}": v for k, v in c.model.info.items()},
-            **aggregate(per_image),
             **(language_summary(records, cfg.prompt.get("response_format") == "json") if records else {}),
-            **aggregate(text_scores),
-            **(concepts.summary if concepts is not None else {}),
-            **(revealed.summary if revealed is not None else {}),
             **{f"seconds_{k}": v for k, v in seconds.items()},
             "wall_seconds": time.perf_counter() - t_start,
         }
-        rec.metrics(summary)
+        rec.summary(headline_scores, intervals | diagnostics)
+        summary = headline_scores | intervals | diagnostics
         log.info("%s", headline(rec.run_id, tracker, summary, per_image, info))
     return summary
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The Debian packages of the services some tests start themselves, in temporary folders:
-# PostgreSQL (tests marked postgres) and SLURM with munge (tests marked cluster). Without them
-# those tests skip with a reason. Needs root or sudo; does nothing where all are installed.
+# PostgreSQL (tests marked postgres), SLURM with munge (tests marked cluster), and Chromium with
+# its driver (tests marked browser). Without them those tests skip with a reason. Needs root or sudo; does nothing where all are installed.
 set -euo pipefail
-PACKAGES="postgresql slurm-wlm munge"
+PACKAGES="postgresql slurm-wlm munge chromium chromium-driver"
 if ! command -v apt-get >/dev/null; then
     echo "install-debian: no apt-get here; the postgres and cluster tests will skip" >&2
     exit 0

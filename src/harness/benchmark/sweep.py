@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from harness import CONF_DIR
 from harness.types import HarnessError, exit_cleanly
+from harness.tracking.mlflow_tracker import run_summary
 
 GOAL = 0.05
 
@@ -33,7 +34,7 @@ def computed(runs: list[Any]) -> dict[str, float]:
     """Items computed by a sweep's runs, per stage (cache misses × images; answers not cached)."""
     out = {"predictions": 0.0, "attributions": 0.0, "answers": 0.0}
     for r in runs:
-        m = r.data.metrics
+        m = run_summary(r)
         out["predictions"] += m.get("cache_misses_predictions", 0) * m.get("n_images", 0)
         out["attributions"] += m.get("cache_misses_attributions", 0) * m.get("n_images", 0)
         out["answers"] += m.get("n_answers", 0) - m.get("answer_cache_hits", 0)
@@ -44,10 +45,10 @@ def needed(runs: list[Any]) -> tuple[dict[str, float], str]:
     """The least each stage must compute for the sweep these runs form, and the formula."""
     tags = [r.data.tags for r in runs]
     count = {g: len({t.get(f"choice.{g}") for t in tags}) for g in ("model", "xai", "mllm", "prompt")}
-    n = max(r.data.metrics.get("n_images", 0) for r in runs)
+    n = max(run_summary(r).get("n_images", 0) for r in runs)
     s = max(int(r.data.params.get("mllm.decoding.num_samples", 1)) for r in runs)
     m, x, ll, p = count["model"], count["xai"], count["mllm"], count["prompt"]
-    asked = any("n_answers" in r.data.metrics for r in runs)
+    asked = any("n_answers" in run_summary(r) for r in runs)
     return ({"predictions": m * n, "attributions": m * x * n, "answers": m * x * ll * p * n * s * asked},
             f"M={m} X={x} L={ll} P={p} N={n:g} S={s}")
 
@@ -77,7 +78,7 @@ def fastest(cmd: list[str], repeats: int) -> tuple[float, float]:
 
 def stage_seconds(run: Any) -> float:
     """The science of a job: its stages' seconds, logging the artifacts left out (a fixed cost)."""
-    return sum(v for k, v in run.data.metrics.items() if k.startswith("seconds_") and k != "seconds_artifacts")
+    return sum(v for k, v in run_summary(run).items() if k.startswith("seconds_") and k != "seconds_artifacts")
 
 
 def fixed_costs(runs: list[Any]) -> list[float]:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from harness.types import HarnessError
+from harness.tracking.mlflow_tracker import run_summary
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +116,14 @@ def load(client, experiments: list[str], filter_string: str | None = None, cache
                         "run_name": run.info.run_name, "start_time": run.info.start_time}
     summaries = [{**base(run), "source_experiment": run.data.tags.get("source_experiment"),
                   "verdict": run.data.tags.get("verdict"), "embedding": run.data.tags.get("embedding"),
-                  **run.data.metrics}
+                  **run_summary(run)}
                  for run in _search(client, list(names), f"{done} and tags.kind = 'summary'")]
     rows, params, info = [], [], {}
     for run in _search(client, list(names), done + (f" and {filter_string}" if filter_string else "")):
         tags = run.data.tags
         if "kind" in tags or "choice.xai" not in tags:  # summaries, reports, benchmarks, foreign runs
             continue
-        rows.append({**base(run), **{g: tags.get(f"choice.{g}", "none") for g in GROUPS}, **run.data.metrics})
+        rows.append({**base(run), **{g: tags.get(f"choice.{g}", "none") for g in GROUPS}, **run_summary(run)})
         params.append(run.data.params)
         for key, value in tags.items():
             prefix, _, score = key.partition(".")

@@ -18,6 +18,19 @@ from hydra.experimental.callback import Callback
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000
+# A run's MLflow metrics are its headline, what a sweep's runs are compared by: accuracy and each
+# score's mean and standard error (``<score>_sem``). The rest of its summary (95 % intervals,
+# counts, cache hits, seconds, the classifier's training figures) goes into tags
+# ``summary.<name>``, so that the UI's charts and columns are the science alone.
+SUMMARY_TAG = "summary."
+# Opens an experiment in the UI's classic mode (runs table, charts, compare), not its GenAI mode.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def run_summary(run: Any) -> dict[str, float]:
+    """A run's summary as the job returned it: its metrics and its ``summary.*`` tags."""
+    return {**run.data.metrics, **{k.removeprefix(SUMMARY_TAG): float(v) for k, v in run.data.tags.items()
+                                   if k.startswith(SUMMARY_TAG)}}
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -80,13 +93,16 @@ class Tracker:
         client = self.client()
         exp = client.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if not set(EXPERIMENT_KIND) & set(exp.tags):  # made before the harness set it; a user's choice stays
+                for k, v in EXPERIMENT_KIND.items():
+                    client.set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
         loc = self.artifact_location
         if loc and "://" not in loc:
             Path(loc).mkdir(parents=True, exist_ok=True)
             loc = Path(loc).resolve().as_uri()
         try:
-            return client.create_experiment(self.experiment, artifact_location=loc)
+            return client.create_experiment(self.experiment, artifact_location=loc, tags=EXPERIMENT_KIND)
         except MlflowException:  # another job created it first
             exp = client.get_experiment_by_name(self.experiment)
             if exp is None:
@@ -182,10 +198,17 @@ class RunLogger:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i : i + 1000])
 
+    def summary(self, headline: Mapping[str, float], rest: Mapping[str, float]) -> None:
+        """``headline`` as metrics, ``rest`` as ``summary.<name>`` tags (see :data:`SUMMARY_TAG`)."""
+        self.metrics(headline)
+        self.tags({f"{SUMMARY_TAG}{k}": repr(float(v)) for k, v in rest.items() if v is not None and not math.isnan(v)})
+
     def tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):  # the most tags one request may carry
+            self.client.log_batch(self.run_id, tags=items[i : i + 100])
 
     def table(self, df, artifact_file: str) -> None:
         self.client.log_table(self.run_id, data=df, artifact_file=artifact_file)

@@ -16,6 +16,8 @@ import yaml
 
 from hydra.experimental.callback import Callback
 
+from harness.tracking.mlflow_tracker import run_summary
+
 STAGES = ("predict", "explain", "concepts", "metrics", "language", "artifacts")  # concepts: xai=crp only
 
 
@@ -57,7 +59,7 @@ def summarise(runs: list[Any], jobs: list[dict[str, Any]], n_skipped_before_laun
                            if len(jobs) > 1 else []}
     sums: dict[str, float] = {}
     for r in runs:
-        for k, v in r.data.metrics.items():
+        for k, v in run_summary(r).items():
             if k.startswith(("cache_hits_", "cache_misses_", "seconds_")) or k == "answer_cache_hits":
                 sums[k] = sums.get(k, 0.0) + v
     out["cache"] = {k: v for k, v in sorted(sums.items()) if k.startswith(("cache_", "answer_"))}
@@ -146,10 +148,35 @@ class SweepSummary(Callback):
         status = job_status(jobs, {int(d.name) for d in folders if (d / "skipped.json").exists()}, runs)
         s = summarise(runs, status, len(before_launch), planned and planned + len(before_launch))
         print(format_summary(s))
+        finished = [r for r in runs if r.info.status == "FINISHED"]
+        skipped = [r for r in [j.get("finished_run") for j in before_launch] + [
+            json.loads((d / "skipped.json").read_text()).get("finished_run")
+            for d in folders if (d / "skipped.json").exists()] if r]
+        if exp is not None and (finished or skipped):
+            print(compare_link(client, tracker.uri, exp.experiment_id, str(config.hydra.sweep.dir), finished, skipped,
+                               next(iter(config.get("metrics") or {}), None)))
         if sweep.is_dir():
             (sweep / "sweep_summary.json").write_text(json.dumps(s, indent=1))
         if s["not_finished"] or s["not_started"]:
             raise SystemExit(1)  # the sweep ran every job; scripts and CI see that some did not finish
+
+
+def compare_link(client: Any, uri: str, experiment_id: str, sweep_id: str, runs: list[Any], skipped: list[str],
+                 first_score: str | None) -> str:
+    """Publish the sweep's runs table (its finished ``runs`` and the earlier runs of its
+    ``skipped`` jobs) as a shared view of the MLflow UI (:mod:`harness.tracking.ui`) and say
+    where to open it."""
+    from harness.tracking import ui
+
+    try:
+        sample = runs[:50] + [client.get_run(r) for r in skipped[:20]]  # which columns: options that vary, scores
+        ids = [r.info.run_id for r in runs] + skipped
+        key, state = ui.sweep_view(sample, ui.sweep_filter(sweep_id, ids), first_score)
+        ui.publish_view(client, experiment_id, key, state)
+    except Exception as e:  # noqa: BLE001 - the sweep's result stands without its view
+        return f"compare in the MLflow UI: not available ({type(e).__name__}: {e})"
+    hint = ui.how_to_open(uri)
+    return f"compare in the MLflow UI{f' ({hint})' if hint else ''}: {ui.view_url(uri, experiment_id, key)}"
 
 
 def _overrides(job_dir: Path) -> list[str]:
