@@ -335,6 +335,20 @@ def canonical_blocks(net: nn.Module) -> Iterator[list[str]]:
 
 
 @contextmanager
+def parameters_kept(net: nn.Module) -> Iterator[None]:
+    """Put the network's own Parameter objects back when the block ends. zennit >= 1.0 (what the
+    lock resolves on Python >= 3.12) restores the parameters a rule modified with
+    ``load_state_dict(..., assign=True)``: the same values in *new* Parameter objects, so an
+    optimiser or anything else holding the originals would no longer see the model's gradients."""
+    saved = [(m, dict(m._parameters)) for m in net.modules()]
+    try:
+        yield
+    finally:
+        for module, params in saved:
+            module._parameters.update(params)
+
+
+@contextmanager
 def canonized(net: nn.Module, probe: torch.Tensor) -> Iterator[Callable[[torch.Tensor], None]]:
     """Check that LRP covers ``net``, fold its BatchNorms and rewrite its residual blocks (all
     undone on exit, errors included). ``probe`` is one network input ``[1, C, H, W]``. Yields a
@@ -435,7 +449,8 @@ class LRP(Explainer):
         z = ((x.detach() - mean) / std).requires_grad_(True)
         composite = _composite(self.composite, self.epsilon, self.gamma, self.stabilizer,
                                low=(0 - mean) / std, high=(1 - mean) / std)
-        with canonized(net, z[:1].detach()) as check, composite.context(net), torch.enable_grad():
+        with parameters_kept(net), canonized(net, z[:1].detach()) as check, composite.context(net), \
+                torch.enable_grad():
             out = net(z)
             check(out[:1])
             logit = out.detach().gather(1, targets[:, None])
