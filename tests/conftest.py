@@ -76,3 +76,10 @@ def pytest_collection_finish(session):
         raise pytest.UsageError(f"a test module set torch's thread count to {torch.get_num_threads()} "
                                 f"(was {session.config.stash_torch_threads}) when imported; set it inside a test "
                                 "and restore it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The Python-version smoke runs first: at several minutes it is the suite's longest file, so
+    under ``-n 2 --dist loadfile`` one worker starts it while the other takes the rest, instead of
+    running it alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("pyversions") is None)  # stable: the rest keep their order

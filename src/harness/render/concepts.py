@@ -27,9 +27,12 @@ def atlas_figure(atlas: Atlas, images: list[np.ndarray], path: str | Path, conce
     reference patches by relevance and, to the right, by activation."""
     from matplotlib.figure import Figure
 
+    from harness.report.figures import FULL_WIDTH
+
     ids = list(atlas.top_concepts(n_concepts) if concepts is None else concepts)
     n = min(n_refs, atlas.by_relevance.shape[1])
-    fig = Figure(figsize=(1.1 * (2 * n + 1), 1.15 * len(ids) + 0.6))
+    cell = min(1.1, FULL_WIDTH / (2 * n + 1))  # a paper's full width, where its 7-pt labels stay 7 pt
+    fig = Figure(figsize=(cell * (2 * n + 1), 1.05 * cell * len(ids) + 0.6))
     axes = fig.subplots(len(ids), 2 * n + 1, squeeze=False)
     for row, c in enumerate(ids):
         for col in range(2 * n + 1):
@@ -53,7 +56,7 @@ def atlas_figure(atlas: Atlas, images: list[np.ndarray], path: str | Path, conce
     fig.suptitle(title or f"concept atlas of {atlas.layer}", fontsize=9)
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=220)
     return out
 
 

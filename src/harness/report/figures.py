@@ -97,11 +97,12 @@ def _label(s: str) -> str:
 
 def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str = "map", cmap: str = "RdBu_r",
                  order: list[str] | None = None, gaps: list[str] | None = None) -> Any | None:
-    """Images as rows (the input first), methods as columns, one colour scale (and colour bar)
-    per row, symmetric around 0. ``scale='map'``: each map is first divided by its own largest
-    |value|, so the row's scale is [-1, 1] and every method shows its full range (methods differ
-    in units by orders of magnitude); ``'row'``: raw values, the scale set by the largest
-    |attribution| of any method on that image (for methods in the same units). Only images
+    """Images as rows (the input first), methods as columns, one colour scale per row, symmetric
+    around 0. ``scale='map'``: each map is first divided by its own largest |value|, so every
+    row's scale is [-1, 1] (one colour bar for the figure) and every method shows its full range
+    (methods differ in units by orders of magnitude); ``'row'``: raw values, the scale (and a
+    colour bar per row) set by the largest |attribution| of any method on that image (for
+    methods in the same units). Only images
     every run explained are shown; NaN pixels are drawn as 0. None when nothing can be drawn;
     what is left out is appended to ``gaps``."""
     if scale not in ("row", "map"):
@@ -136,10 +137,12 @@ def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str
     ncol = len(maps) + with_input
     cell = min(1.2, (FULL_WIDTH - 0.4) / ncol)
     fig = _figure((cell * ncol + 0.4, cell * len(ids) + 0.25))
-    axes = fig.subplots(len(ids), ncol + 1, squeeze=False, gridspec_kw={"width_ratios": [1] * ncol + [0.07]})
+    grid = fig.add_gridspec(len(ids), ncol + 1, width_ratios=[1] * ncol + [0.07])
+    axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(ncol)] for r in range(len(ids))])
+    shared = scale == "map"  # every row on [-1, 1]: one colour bar, beside the middle rows
+    middle = slice(len(ids) // 4, max(len(ids) // 4 + 1, len(ids) - len(ids) // 4))
     for r, image_id in enumerate(ids):
-        vmax = 1.0 if scale == "map" else (max(float(np.abs(m[image_id]).max()) for m in maps.values()) or 1.0)
-        cb_label = "map / max|map|" if scale == "map" else "relevance"
+        vmax = 1.0 if shared else (max(float(np.abs(m[image_id]).max()) for m in maps.values()) or 1.0)
         if with_input:
             axes[r, 0].imshow(inputs[image_id])
         axes[r, 0].set_ylabel(labels.get(image_id, image_id), fontsize=_small())
@@ -150,13 +153,14 @@ def heatmap_grid(sweep: Sweep, runs: pd.DataFrame, n_images: int = 4, scale: str
             im = axes[r, c].imshow(a, cmap=cmap, vmin=-vmax, vmax=vmax, interpolation="nearest")
             if r == 0:
                 axes[r, c].set_title(_label(method))
-        cb = fig.colorbar(im, cax=axes[r, -1])
-        cb.ax.tick_params(labelsize=_small())
-        if r == 0:
-            cb.set_label(cb_label, fontsize=_small())
+        if not shared or r == len(ids) - 1:
+            cb = fig.colorbar(im, cax=fig.add_subplot(grid[middle if shared else r, -1]))
+            cb.ax.tick_params(labelsize=_small())
+            if shared or r == 0:
+                cb.set_label("map / max|map|" if shared else "relevance", fontsize=_small())
     if with_input:
         axes[0, 0].set_title("input")
-    for ax in axes[:, :-1].flat:
+    for ax in axes.flat:
         _bare(ax)
     return fig
 
@@ -215,6 +219,8 @@ def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None,
     methods = order_methods(list(runs["xai"]), order)
     styles = method_styles(methods)
     panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    owners: dict[str, str] = {}  # panel -> the metric whose curve it is
+    ylabels: dict[str, str] = {}  # metric -> what its curves measure (MetricOutput.curve_y, in curves.npz)
     missing = []
     for method in methods:
         z = sweep.npz(runs.loc[runs["xai"] == method, "run_id"].iloc[-1], "curves.npz")
@@ -222,11 +228,13 @@ def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None,
             missing.append(method)
             continue
         xs = {k[:-2]: v for k, v in z.items() if k.endswith("_x")}
+        ylabels.update({k[:-2]: str(v) for k, v in z.items() if k.endswith("_y") and v.ndim == 0})
         for key, ys in z.items():
             owner = max((m for m in xs if key.startswith(m)), key=len, default=None)
             if key.endswith("_x") or owner is None or ys.ndim != 2:
                 continue
             panels.setdefault(key, {})[method] = (xs[owner], ys)
+            owners[key] = owner
     if missing:
         gaps.append(_missing(missing, "curves.npz", bool(panels)))
     if not panels:
@@ -245,7 +253,10 @@ def curves(sweep: Sweep, runs: pd.DataFrame, order: list[str] | None = None,
             ax.plot(x, mean, label=_label(method), lw=1.2, **styles[method])
             ax.fill_between(x, mean - sem, mean + sem, color=styles[method]["color"], alpha=0.2, lw=0)
         ax.set(title=_label(key), xlabel="share removed")
-    axes[0, 0].set_ylabel("target class output")
+    labels = [ylabels.get(owners[key], "target-class output") for key in panels]
+    for i, (ax, label) in enumerate(zip(axes.flat, labels)):  # where it differs from the panel on the left
+        if i % ncol == 0 or label != labels[i - 1]:
+            ax.set_ylabel(label)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
     _legend(fig, axes, 7)

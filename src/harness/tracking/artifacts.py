@@ -2,7 +2,8 @@
 
 ``per_image.json`` (table: ids, labels, predictions, every per-image score), ``skipped.tsv``,
 ``metric_info.json``, ``metric_errors.tsv``, ``attributions.npz`` (maps, inputs as uint8, ids,
-labels, predictions, targets, class names), ``curves.npz`` and ``curves.png``, and one overlay
+labels, predictions, targets, class names), ``curves.npz`` (each curve, ``<metric>_x`` its x
+values and ``<metric>_y`` what it measures) and ``curves.png``, and one overlay
 PNG per image under ``overlays/`` (at most ``max_overlays``).
 """
 
@@ -60,6 +61,7 @@ def log_artifacts(rec: Any, data: ImageSet, x: torch.Tensor, maps: np.ndarray, l
                             **({} if private else {"inputs": (x.numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)}))
         curves = {k: v for r in results.values() for k, v in r.curves.items()}
         curves.update({f"{name}_x": r.curve_x for name, r in results.items() if r.curve_x is not None})
+        curves.update({f"{name}_y": np.array(r.curve_y) for name, r in results.items() if r.curve_y})  # axis label
         if curves:
             np.savez_compressed(tmp / "curves.npz", **curves)
             plot_curves(results, tmp / "curves.png", title=title)
