@@ -105,8 +105,10 @@ def plot(result: SensitivityResult, path) -> None:
     a.set(xlabel="cosine distance between answers", ylabel="density", title="answer distances")
     a.legend(fontsize=7)
     b.hist(result.null, bins=30, color="#999999", density=True)
-    b.axvline(result.statistic, color="#D55E00", lw=2, label=f"observed (p = {result.p_value:.3g})")
-    b.set(xlabel="between - within", title="permutation null")
+    floor = 1 / (len(result.null) + 1)  # the smallest p the permutations can give
+    p = f"p ≤ {floor:.2g}" if result.p_value <= floor * (1 + 1e-9) else f"p = {result.p_value:.2g}"
+    b.axvline(result.statistic, color="#D55E00", lw=2, label=f"observed ({p})")
+    b.set(xlabel="between − within (mean cosine distance)", ylabel="density", title="permutation null")
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
