@@ -169,7 +169,8 @@ def compare_link(client: Any, uri: str, experiment_id: str, sweep_id: str, runs:
     from harness.tracking import ui
 
     try:
-        sample = runs[:50] + [client.get_run(r) for r in skipped[:20]]  # which columns: options that vary, scores
+        sample = runs[:50] + (client.search_runs([experiment_id], ui.sweep_filter(sweep_id, skipped[:50]), max_results=50)
+                              if skipped else [])  # which columns: the options that vary, the scores (one query)
         ids = [r.info.run_id for r in runs] + skipped
         key, state = ui.sweep_view(sample, ui.sweep_filter(sweep_id, ids), first_score)
         ui.publish_view(client, experiment_id, key, state)
