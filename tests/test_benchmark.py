@@ -131,6 +131,7 @@ COSTS = [  # (xai option, overrides, model)
     ("gradcam", ["xai.layer=layer3"], "cnn"),
     ("rollout", [], "vit"),
     ("chefer", [], "vit"),
+    ("freemcg", ["xai.n_particles=8"], "cnn"),
 ]
 
 
@@ -143,6 +144,16 @@ def test_model_cost_is_what_the_model_sees(option, overrides, arch):
     ex(model, x, t)
     cost = ex.model_cost((32, 32))
     assert (count.forward / 2, count.backward / 2) == (cost.forward, cost.backward)
+
+
+def test_freemcg_counts_its_denoiser_passes(tmp_path):
+    """FreeMCG's raw cost includes the particles through its denoiser (the benchmark times them)."""
+    ex = instantiate(make_cfg(["xai=freemcg", "xai.n_particles=8", f"paths.cache_dir={tmp_path}"]).xai)
+    seen, inner = [], ex.denoiser
+    ex.denoiser = lambda z, s: seen.append(len(z)) or inner(z, s)
+    x, t = images(2)
+    ex(tiny_cnn(), x, t)
+    assert sum(seen) / 2 == ex.model_cost((32, 32)).denoiser == 8
 
 
 def test_random_has_no_model_cost():

@@ -15,14 +15,14 @@ from typing import Any
 from harness.types import HarnessError, ImageSet
 
 
-def build(node: Any) -> Any:
-    """``hydra.utils.instantiate``, but a :class:`HarnessError` raised by the component comes
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` (``kwargs`` as its overrides), but a :class:`HarnessError` raised by the component comes
     out as itself (Hydra wraps it), so the user sees its message alone."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        return instantiate(node)
+        return instantiate(node, **kwargs)
     except InstantiationException as e:
         if isinstance(e.__cause__, HarnessError):
             raise e.__cause__ from None
@@ -93,6 +93,12 @@ def build_components(cfg: Any) -> Components:
     if len(data) == 0:
         raise HarnessError("the dataset yielded no images" +
                            (f" ({len(data.skipped)} skipped as unreadable)" if data.skipped else ""))
+    trained_on = getattr(getattr(explainer, "denoiser", None), "class_names", None)
+    if trained_on is not None and list(trained_on) != list(data.class_names):
+        raise HarnessError(f"xai.denoiser was trained on other data (classes {', '.join(trained_on)}) than the "
+                           f"images explained (classes {', '.join(data.class_names)}): its manifold is not theirs. "
+                           "Choose the denoiser of this data (xai/denoiser=ddpm_shapes | ddpm_cifar10 | diffusers "
+                           "with a model_path), or xai/denoiser=none for none")
     model = build(cfg.model)
     if cfg.get("revise") is not None:  # reveal and revise: the corrected model (harness.revise)
         model = build(cfg.revise)(model)

@@ -43,8 +43,8 @@ def hydra_context() -> dict[str, Any]:
     except (ImportError, ValueError):
         return {"tags": {}, "choices": {}, "output_dir": None}
     multirun = str(hc.mode) == "RunMode.MULTIRUN"
-    choices = {group: str(option) for group, option in hc.runtime.choices.items()
-               if "/" not in group and option is not None}
+    choices = {group: str(option) for group, option in hc.runtime.choices.items()  # with nested groups
+               if not group.startswith("hydra/") and "@" not in group and option is not None}  # (xai/denoiser)
     return {
         "tags": {"sweep_id": hc.sweep.dir if multirun else hc.run.dir,
                  "hydra_job_num": str(hc.job.num) if multirun else "0",
@@ -156,6 +156,7 @@ def run(cfg: DictConfig, context: dict[str, Any] | None = None) -> dict[str, flo
             **cache.counts(),
             "n_metric_errors": float(sum(len(r.errors) for r in results.values())),
             **{f"model_{k}": v for k, v in c.model.info.items()},
+            **{f"denoiser_{k}": v for k, v in getattr(getattr(c.explainer, "denoiser", None), "info", {}).items()},
             **(language_summary(records, cfg.prompt.get("response_format") == "json") if records else {}),
             **{f"seconds_{k}": v for k, v in seconds.items()},
             "wall_seconds": time.perf_counter() - t_start,

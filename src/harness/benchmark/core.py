@@ -142,8 +142,22 @@ def model_batch(explainer: Any, images_per_call: int, passes_per_image: float) -
     return int(max(1, min(int(own), math.ceil(images_per_call * max(passes_per_image, 1)))))
 
 
+def denoiser_pass(explainer: Any, x: torch.Tensor, batch: int) -> Callable[[], Any]:
+    """A batched call of the explainer's denoiser on ``batch`` noisy images cycled from ``x``."""
+    reps = math.ceil(batch / len(x))
+    sigma = float(explainer.sigma)
+    zb = (x.repeat(reps, 1, 1, 1)[:batch] + sigma * torch.randn_like(x.repeat(reps, 1, 1, 1)[:batch])).contiguous()
+
+    def denoise() -> None:
+        with torch.no_grad():
+            explainer.denoiser(zb, sigma)
+
+    return denoise
+
+
 def _cost_text(cost: Any) -> str:
-    parts = [f"{v:g} {what}" for v, what in ((cost.forward, "fwd"), (cost.backward, "fwd+bwd")) if v]
+    parts = [f"{v:g} {what}" for v, what in ((cost.forward, "fwd"), (cost.backward, "fwd+bwd"),
+                                             (getattr(cost, "denoiser", 0.0), "denoiser")) if v]
     return " + ".join(parts) or "0"
 
 
@@ -180,12 +194,14 @@ def bench_method(name: str, explainer: Any, model: torch.nn.Module, x: torch.Ten
     ours = lambda xb, tb: explainer(model, xb, tb)  # noqa: E731
     raw: dict[str, tuple[Callable[[], Any], float]] = {}  # "fwd"/"fb" -> (pass, count per image)
     batch = 0
-    times: dict[str, list[float]] = {"ours": [], "ref": [], "fwd": [], "fb": []}
+    times: dict[str, list[float]] = {"ours": [], "ref": [], "fwd": [], "fb": [], "denoiser": []}
     try:
         if cost is not None and (cost.forward or cost.backward):
             batch = model_batch(explainer, per_call, max(cost.forward, cost.backward))
             fwd, fb = raw_passes(model, x, t, batch)
             raw = {k: v for k, v in (("fwd", (fwd, cost.forward)), ("fb", (fb, cost.backward))) if v[1]}
+            if cost.denoiser:
+                raw["denoiser"] = (denoiser_pass(explainer, x, batch), cost.denoiser)
         for fn, _ in raw.values():
             fn()  # warm-up
         ours(x[:1], t[:1])  # warm-up

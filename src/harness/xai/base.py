@@ -90,11 +90,14 @@ def methods_for(arch: str) -> list[str]:
 @dataclass(frozen=True)
 class ModelCost:
     """The raw model work a method's algorithm needs per image: ``forward`` images pushed through
-    the model without gradients and ``backward`` images through forward plus backward. The
-    benchmark times these in the same run to report a method's overhead over its algorithm."""
+    the model without gradients and ``backward`` images through forward plus backward;
+    ``denoiser``: images through the method's own denoiser (FreeMCG's manifold projection), the
+    other network its algorithm runs. The benchmark times these in the same run to report a
+    method's overhead over its algorithm."""
 
     forward: float = 0.0
     backward: float = 0.0
+    denoiser: float = 0.0
 
 
 class Explainer:

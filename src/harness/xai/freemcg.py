@@ -61,6 +61,7 @@ References:
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -127,7 +128,7 @@ class FreeMCG(Explainer):
     OUTPUTS = ("log_softmax", "logit", "softmax")
     ATTRIBUTIONS = ("abs", "gradient", "input_x_gradient")
 
-    def __init__(self, n_particles: int = 100, sigma: float = 0.15, output: str = "log_softmax",
+    def __init__(self, n_particles: int = 100, sigma: float = 0.62, output: str = "log_softmax",
                  attribution: str = "input_x_gradient", baseline: float | str = "model_mean",
                  denoiser: Denoiser | None = None, batch_size: int = 256, seed: int = 0) -> None:
         if output not in self.OUTPUTS:
@@ -155,8 +156,9 @@ class FreeMCG(Explainer):
         self.seed = int(seed)
 
     def model_cost(self, image_size: tuple[int, int]) -> ModelCost:
-        """``n_particles`` forward passes per image (the denoiser's passes are not counted)."""
-        return ModelCost(forward=float(self.n_particles))
+        """``n_particles`` forward passes per image, and as many through the denoiser (if any)."""
+        return ModelCost(forward=float(self.n_particles),
+                         denoiser=float(self.n_particles) if self.denoiser is not None else 0.0)
 
     # -- the estimator -------------------------------------------------------------------------
 
@@ -229,6 +231,10 @@ def _accumulator(device: torch.device) -> torch.dtype:
 # -- denoisers ---------------------------------------------------------------------------------
 
 
+def no_denoiser() -> None:
+    """``xai/denoiser=none``: no manifold projection (FreeMCG's plain Gaussian particles)."""
+
+
 class WienerDenoiser:
     """Exact Tweedie denoiser of a stationary Gaussian image prior (a Wiener filter).
 
@@ -292,7 +298,9 @@ class DiffusersDenoiser:
     ``scheduler_config.json``). Nothing is downloaded: copy the weights there on a machine with hub
     access (e.g. ``DDPMPipeline.from_pretrained("google/ddpm-cifar10-32").save_pretrained(path)``
     for 32x32 images; the paper used OpenAI's 256x256 unconditional ImageNet model, which is not in
-    diffusers format). ``diffusers`` is not a harness dependency: ``pip install diffusers``.
+    diffusers format). :func:`harness.xai.diffusion.ddpm_denoiser` trains one for a harness dataset
+    and returns it as this class; its ``meta.json`` (training time, held-out denoising error, the
+    classes it was trained on) becomes :attr:`info`.
 
     Conversion: a pixel-space ``x_t = x_0 + sigma * eps`` is mapped to the model's ``[-1, 1]``
     range (noise ``2 sigma``), the timestep ``t`` whose variance-preserving noise-to-signal ratio
@@ -334,11 +342,11 @@ class DiffusersDenoiser:
                                f"missing {', '.join(missing)}")
         if dtype not in self.DTYPES:
             raise HarnessError(f"xai.denoiser.dtype={dtype!r} is not valid; valid: {', '.join(self.DTYPES)}")
-        try:
-            import diffusers  # noqa: F401
-        except ImportError:
-            raise HarnessError("xai.denoiser=DiffusersDenoiser needs the `diffusers` package, which the "
-                               "harness does not install: pip install diffusers") from None
+        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").is_file() else {}
+        #: what the run logs as ``summary.denoiser_*`` (numbers of meta.json)
+        self.info = {k: float(v) for k, v in meta.items() if isinstance(v, (int, float))}
+        #: the classes of the images it was trained on, where known (checked against the data explained)
+        self.class_names = meta.get("class_names")
         self.model_path = str(path)
         self.resize = bool(resize)
         self.clip = bool(clip)
@@ -346,34 +354,58 @@ class DiffusersDenoiser:
         self._unet_dir, self._sched_dir = unet_dir, sched_dir
         self._unet = None
 
-    def _load(self, device: torch.device) -> None:
+    def load(self, device: torch.device) -> None:
+        """Load the UNet and schedule (once) and put the UNet on ``device``."""
         if self._unet is None:
             from diffusers import DDPMScheduler, UNet2DModel
 
-            unet = UNet2DModel.from_pretrained(str(self._unet_dir), local_files_only=True)
+            dtype = getattr(torch, self.dtype)
+            unet = UNet2DModel.from_pretrained(str(self._unet_dir), local_files_only=True, torch_dtype=dtype,
+                                               low_cpu_mem_usage=False)
             sched = DDPMScheduler.from_pretrained(str(self._sched_dir), local_files_only=True)
             self._unet = unet.eval().requires_grad_(False)
-            self._abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float64)
+            self.abar = torch.as_tensor(sched.alphas_cumprod, dtype=torch.float64)
             self._pred = sched.config.prediction_type
             if self._pred not in ("epsilon", "v_prediction", "sample"):
                 raise HarnessError(f"DiffusersDenoiser: prediction_type={self._pred!r} is not supported "
                                    "(epsilon, v_prediction, sample)")
-        self._unet.to(device=device, dtype=getattr(torch, self.dtype))
+        self._unet.to(device=device)
 
     def timestep(self, sigma: float) -> int:
         """The diffusion step whose noise level matches ``sigma`` (pixel units)."""
-        ratio = ((1 - self._abar) / self._abar).sqrt()
+        ratio = ((1 - self.abar) / self.abar).sqrt()
         return int((ratio - 2 * float(sigma)).abs().argmin())
+
+    def eps(self, inp: torch.Tensor, t: int) -> torch.Tensor:
+        """The UNet's noise prediction for ``inp``, a variance-preserving ``x_t`` in the model's
+        ``[-1, 1]`` range at step ``t`` (``v_prediction`` and ``sample`` models converted)."""
+        steps = torch.full((len(inp),), int(t), device=inp.device, dtype=torch.long)
+        out = self._unet(inp.to(self._unet.dtype), steps).sample.float()
+        if out.shape[1] == 2 * inp.shape[1]:  # learned variance: mean prediction first
+            out = out[:, : inp.shape[1]]
+        a = float(self.abar[t])
+        if self._pred == "v_prediction":
+            return math.sqrt(1 - a) * inp + math.sqrt(a) * out
+        if self._pred == "sample":
+            return (inp - math.sqrt(a) * out) / math.sqrt(1 - a)
+        return out
+
+    def tweedie(self, inp: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_hat, eps_hat)`` in the model's range for a variance-preserving ``x_t`` at step ``t``
+        (``x0_hat`` clipped to ``[-1, 1]`` with ``clip``)."""
+        a = float(self.abar[t])
+        eps = self.eps(inp, t)
+        x0 = (inp - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        return (x0.clamp(-1, 1) if self.clip else x0), eps
 
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, sigma: float) -> torch.Tensor:
         import torch.nn.functional as F
 
-        self._load(x_t.device)
+        self.load(x_t.device)
         h, w = x_t.shape[-2:]
         t = self.timestep(sigma)
-        a = float(self._abar[t])
-        inp = math.sqrt(a) * (2 * x_t.float() - 1)
+        inp = math.sqrt(float(self.abar[t])) * (2 * x_t.float() - 1)
         cfg = self._unet.config
         if self.resize:
             size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
@@ -383,20 +415,10 @@ class DiffusersDenoiser:
             if h % factor or w % factor:
                 raise HarnessError(f"DiffusersDenoiser: the UNet needs sides divisible by {factor}, got "
                                    f"{h}x{w}; set xai.denoiser.resize=true or use a matching model")
-        steps = torch.full((len(inp),), t, device=inp.device, dtype=torch.long)
-        out = self._unet(inp.to(self._unet.dtype), steps).sample.float()
-        if out.shape[1] == 2 * inp.shape[1]:  # learned variance: mean prediction first
-            out = out[:, : inp.shape[1]]
-        if self._pred == "epsilon":
-            x0 = (inp - math.sqrt(1 - a) * out) / math.sqrt(a)
-        elif self._pred == "v_prediction":
-            x0 = math.sqrt(a) * inp - math.sqrt(1 - a) * out
-        else:
-            x0 = out
+        x0, _ = self.tweedie(inp, t)
         if self.resize:
             x0 = F.interpolate(x0, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        if self.clip:
-            x0 = x0.clamp(-1, 1)
+            x0 = x0.clamp(-1, 1) if self.clip else x0
         return ((x0 + 1) / 2).to(x_t.dtype)
 
     def __repr__(self) -> str:
