@@ -10,7 +10,8 @@ from harness import CONF_DIR
 from harness.mllm.prompts import FIELDS, Prompt
 from harness.types import HarnessError
 
-VALUES = {"label": "tabby cat", "true_label": "tabby cat", "score": "93", "method": "lime", "classifier": "vit"}
+VALUES = {"label": "tabby cat", "true_label": "tabby cat", "score": "93", "method": "lime", "classifier": "vit",
+          "target": "tabby cat"}
 
 
 def prompt_options():
@@ -29,6 +30,14 @@ def test_every_shipped_prompt_renders():
                      "as a tabby cat?")
     structured = instantiate(make_cfg(["prompt=structured"]).prompt)
     assert structured.response_format == "json" and '{"regions"' in structured.render(**VALUES)[1]
+
+
+def test_a_job_refuses_the_counterfactual_prompt_before_it_runs():
+    """{target} is filled by harness.counterfactual only: a job says so when it is built."""
+    from harness.components import build_components
+
+    with pytest.raises(HarnessError, match=r"uses \{target\}.*harness.counterfactual"):
+        build_components(make_cfg(["prompt=counterfactual"]))
 
 
 def test_unknown_placeholder_is_a_config_error_naming_the_valid_ones():

@@ -69,6 +69,10 @@ class Components:
     reveal: Any = None
 
 
+#: the prompt placeholders a job fills (the language stage's render call)
+PIPELINE_FIELDS = {"label", "true_label", "score", "method", "classifier", "audience"}
+
+
 def build_components(cfg: Any) -> Components:
     """Build a job's components. The explainer, metrics, prompt and MLLM come first, so a bad
     setting stops the job before data load and model training; then data and model, and the
@@ -78,6 +82,9 @@ def build_components(cfg: Any) -> Components:
     language = None if cfg.get("mllm") is None else Language(
         build(cfg.render), build(cfg.prompt), build(cfg.mllm),
         {name: build(m) for name, m in (cfg.get("text_metrics") or {}).items()})
+    if language is not None and (extra := language.prompt.fields() - PIPELINE_FIELDS):
+        raise HarnessError(f"the prompt uses {', '.join('{' + f + '}' for f in sorted(extra))}, which a job does not "
+                           "fill (a prompt for python -m harness.counterfactual, e.g. prompt=counterfactual)")
     if language is not None and getattr(language.renderer, "needs_concepts", False) and not hasattr(explainer, "concepts"):
         raise HarnessError(f"render=concepts draws an image's concepts, which {type(explainer).__name__} does not "
                            "give: use it with xai=crp")

@@ -34,6 +34,23 @@ def config_hash(obj: Any, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
+@contextmanager
+def trainer_lock(folder: Any, what: str) -> Iterator[None]:
+    """One trainer at a time per cache folder: parallel jobs of a sweep wait for the first one
+    (an exclusive ``flock`` on ``folder/.lock``, released when the block ends or the process dies)."""
+    import fcntl
+    import logging
+    from pathlib import Path
+
+    with open(Path(folder) / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger(__name__).info("another process is training this %s (%s): waiting for it", what, folder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch global RNGs (libraries such as lime read the global ones).
 

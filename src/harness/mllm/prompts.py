@@ -13,6 +13,7 @@ FIELDS = {
     "method": "the XAI method that made the marks",
     "audience": "who the answer is for (the prompt's own `audience` value)",
     "classifier": "the classifier's name",
+    "target": "the class a counterfactual was made to reach, in words (harness.counterfactual)",
 }
 
 
@@ -53,6 +54,10 @@ class Prompt:
                                    + ", ".join("{" + f + "}" for f in FIELDS))
         if not self.template.strip():
             raise HarnessError("prompt.template is empty")
+
+    def fields(self) -> set[str]:
+        """The placeholders the template and system message use."""
+        return {*placeholders(self.template), *placeholders(self.system or "")}
 
     def render(self, **values: object) -> tuple[str | None, str]:
         """``(system, user)`` messages with the placeholders filled."""

@@ -14,7 +14,6 @@ published numbers exactly. ``shipped=false`` trains them here instead; any other
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ import torch
 
 from harness.data.shapes import GENERATOR_VERSION, active_artifacts
 from harness.models.classifier import Classifier
-from harness.utils import config_hash, seeded, to_plain
+from harness.utils import config_hash, seeded, to_plain, trainer_lock
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +183,7 @@ def shapes_vit(
     folder = Path(cache_dir) / "models" / f"{_name(arch)}-{config_hash(cfg)}"
     folder.mkdir(parents=True, exist_ok=True)
     weights, meta_path = folder / "model.pt", folder / "meta.json"
-    # One trainer at a time per config: parallel jobs of a sweep wait for the first one.
-    with open(folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is training this model (%s): waiting for it", folder)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with trainer_lock(folder, "model"):
         # the initial weights must not depend on what ran before, nor what runs after on whether
         # the model was trained or loaded: seeded for this block only
         if shipped and not weights.exists() and (SHIPPED / folder.name / "model.pt").is_file():

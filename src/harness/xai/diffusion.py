@@ -34,28 +34,29 @@ References:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import torch
 
 from harness.types import HarnessError, ImageSet
-from harness.utils import config_hash, seeded, to_plain
+from harness.utils import config_hash, seeded, to_plain, trainer_lock
 from harness.xai.freemcg import DiffusersDenoiser, WienerDenoiser
 
 log = logging.getLogger(__name__)
 
 TRAINING_VERSION = 1  # bump when the training procedure changes in a way the settings do not show
-UNET = dict(block_out_channels=[16, 32, 32], layers_per_block=1, norm_num_groups=8,
-            down_block_types=["DownBlock2D"] * 3, up_block_types=["UpBlock2D"] * 3)
+UNET = MappingProxyType({"block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+                         "down_block_types": ["DownBlock2D"] * 3, "up_block_types": ["UpBlock2D"] * 3})
 
 
 def _shipped() -> Path:
@@ -162,7 +163,7 @@ def ddpm_denoiser(
     train_data: dict[str, Any],
     val_data: dict[str, Any],
     name: str = "ddpm",
-    unet: dict[str, Any] | None = None,
+    unet: Mapping[str, Any] = UNET,
     num_train_timesteps: int = 1000,
     beta_schedule: str = "linear",
     max_sigma: float = 1.05,
@@ -204,19 +205,14 @@ def ddpm_denoiser(
         raise HarnessError(f"xai.denoiser.steps={steps!r}, batch_size={batch_size!r}: both must be positive")
     train = _instantiate(train_data, "train_data")
     x = images_tensor(train)
-    cfg = to_plain(dict(unet=unet or UNET, num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+    cfg = to_plain(dict(unet=dict(unet), num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                         max_sigma=float(max_sigma), steps=int(steps), batch_size=int(batch_size), lr=float(lr),
                         flip=bool(flip), seed=int(seed), data=_data_digest(x), size=list(x.shape[-2:]),
                         version=TRAINING_VERSION))
     folder = Path(cache_dir) / "denoisers" / f"{name}-{config_hash(cfg)}"
     folder.mkdir(parents=True, exist_ok=True)
     meta_path = folder / "meta.json"
-    with open(folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another process is training this denoiser (%s): waiting for it", folder)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with trainer_lock(folder, "denoiser"):
         source = _shipped() / folder.name
         if shipped and not meta_path.exists() and (source / "meta.json").is_file():
             for sub in ("unet", "scheduler"):

@@ -353,6 +353,7 @@ class DiffusersDenoiser:
         self.dtype = dtype
         self._unet_dir, self._sched_dir = unet_dir, sched_dir
         self._unet = None
+        self.abar: torch.Tensor | None = None  # the schedule's cumulative alphas, once loaded
 
     def load(self, device: torch.device) -> None:
         """Load the UNet and schedule (once) and put the UNet on ``device``."""
