@@ -16,8 +16,9 @@ from harness.types import HarnessError, ImageSet
 
 
 def build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` (``kwargs`` as its overrides), but a :class:`HarnessError` raised by the component comes
-    out as itself (Hydra wraps it), so the user sees its message alone."""
+    """``hydra.utils.instantiate`` (``kwargs`` as its overrides), but a :class:`HarnessError`
+    raised by the component comes out as itself (Hydra wraps it), so the user sees its message
+    alone."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 

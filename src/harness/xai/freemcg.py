@@ -36,16 +36,20 @@ What each part needs:
       (run under ``torch.no_grad``), so non-differentiable / black-box models work;
       ``n_particles`` passes per image (see :meth:`FreeMCG.model_cost`);
     * the denoiser (optional): any object following :class:`Denoiser`; it decides the manifold.
-      :class:`DiffusersDenoiser` wraps a pretrained diffusion UNet (the paper's setting; needs the
-      ``diffusers`` package and weights on local disk). :class:`WienerDenoiser` is the exact Tweedie
+      :class:`DiffusersDenoiser` wraps a diffusion UNet on local disk (the paper's setting), e.g. the
+      DDPM the harness trains for the data (:mod:`harness.xai.diffusion`, ``xai/denoiser=ddpm_shapes``,
+      the default). :class:`WienerDenoiser` is the exact Tweedie
       denoiser of a stationary Gaussian (1/f^alpha) image prior: it runs offline with no weights,
       but it is a classical smoothing prior, *not* a diffusion model.
 
 Deviations from the paper (see each class for details): the paper's public code applies FreeMCG
 inside a reverse-diffusion loop to make counterfactuals (many denoising steps, gradient
-renormalised to the noise norm); for attribution we compute one ensemble estimate at the input
-(no iterations) and divide by ``sigma^2`` instead of renormalising, so the map has the scale of a
-gradient and the no-denoiser case is an exact smoothed-gradient estimator.
+renormalised to the noise norm; here :mod:`harness.xai.counterfactual`); for attribution we
+compute one ensemble estimate at the input, at one diffusion time (step 300 of 1000 by default, as
+pnpxai's ``Gfgp``), with each particle's softmax in ``e_c - p`` (pnpxai: the clean image's;
+``experiments/benchmarks/freemcg_pnpxai.py`` shows that this is the only difference), no
+iterations, and divided by ``(J - 1) sigma^2`` instead of renormalised, so the map has the scale
+of a gradient and the no-denoiser case is an exact smoothed-gradient estimator.
 
 References:
     Kim, Chung, Kim, Lee, Sim & Ye, "Derivative-Free Diffusion Manifold-Constrained Gradient for
