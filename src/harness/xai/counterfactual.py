@@ -45,6 +45,7 @@ from torch import nn
 
 from harness.types import HarnessError
 from harness.xai.base import image_seed
+from harness.xai.freemcg import ensemble_weights
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,7 @@ class FreeMCGCounterfactual:
         parts = torch.cat([self.denoiser.tweedie(z[i : i + self.batch_size], t)[0]
                            for i in range(0, J, self.batch_size)])
         f = torch.cat([model((parts[i : i + self.batch_size] + 1) / 2) for i in range(0, J, self.batch_size)]).double()
-        v = -f.softmax(1)
-        v[:, target] += 1  # e_c - p_j: the gradient of log p_c with respect to the logits
-        w = ((f - f.mean(0)) * v).sum(1)
+        w = ensemble_weights(f[None], torch.tensor([target], device=f.device))[0]  # e_c - p_j: log p_c
         dx = (parts - parts.mean(0)).double()
         return (torch.einsum("j,jchw->chw", w, dx) / (J - 1)).to(x0.dtype)
 

@@ -185,18 +185,6 @@ class FreeMCG(Explainer):
 
         return self._chunked(call, z)
 
-    def _weights(self, f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``<f_j - f_bar, v_j>`` for logits ``f`` ``[G, J, K]`` and targets ``t`` ``[G]``."""
-        df = f - f.mean(1, keepdim=True)
-        idx = t.view(-1, 1, 1).expand(-1, f.shape[1], 1)
-        if self.output == "logit":
-            return df.gather(2, idx)[..., 0]
-        p = f.softmax(-1)
-        v = -p
-        v.scatter_add_(2, idx, torch.ones_like(p[..., :1]))  # e_c - p
-        w = (df * v).sum(-1)
-        return w * p.gather(2, idx)[..., 0] if self.output == "softmax" else w
-
     @torch.no_grad()
     def estimate_gradient(self, model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The FreeMCG gradient estimate ``[N, C, H, W]`` of the ``output`` score of ``targets``."""
@@ -211,7 +199,7 @@ class FreeMCG(Explainer):
             if self.denoiser is not None:
                 parts = self._denoise(parts)
             logits = self._chunked(lambda b: model(b).detach(), parts).to(acc)
-            w = self._weights(logits.reshape(len(xs), J, -1), ts)  # [G, J]
+            w = ensemble_weights(logits.reshape(len(xs), J, -1), ts, self.output)  # [G, J]
             parts = parts.reshape(len(xs), J, -1).to(acc)
             dx = parts - parts.mean(1, keepdim=True)
             g = torch.einsum("gj,gjd->gd", w, dx) / ((J - 1) * self.sigma**2)
@@ -225,6 +213,22 @@ class FreeMCG(Explainer):
         if self.attribution == "gradient":
             return g.sum(1)
         return ((x - fill_like(model, x, self.baseline, "xai.baseline")) * g).sum(1)
+
+
+def ensemble_weights(f: torch.Tensor, t: torch.Tensor, output: str = "log_softmax") -> torch.Tensor:
+    """``<f_j - f_bar, v_j>`` for logits ``f`` ``[G, J, K]`` and targets ``t`` ``[G]``: ``v_j`` is the
+    gradient of the ``output`` score of the target with respect to the logits at particle ``j``
+    (``e_c - softmax(f_j)`` for ``log_softmax``, ``e_c`` for ``logit``, ``p_c (e_c - p)`` for
+    ``softmax``)."""
+    df = f - f.mean(1, keepdim=True)
+    idx = t.view(-1, 1, 1).expand(-1, f.shape[1], 1)
+    if output == "logit":
+        return df.gather(2, idx)[..., 0]
+    p = f.softmax(-1)
+    v = -p
+    v.scatter_add_(2, idx, torch.ones_like(p[..., :1]))  # e_c - p
+    w = (df * v).sum(-1)
+    return w * p.gather(2, idx)[..., 0] if output == "softmax" else w
 
 
 def _accumulator(device: torch.device) -> torch.dtype:
