@@ -32,12 +32,20 @@ def test_wrong_option_lists_the_valid_ones():
     assert r.stderr.strip() == f"harness: error: xai=nope is not an option of xai: valid: {', '.join(options('xai'))}"
 
 
+def test_a_nested_group_set_to_null_says_how_to_drop_it():
+    r = run_harness("xai=freemcg", "xai/denoiser=null")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "xai/denoiser=null: a config group is dropped with ~xai/denoiser (or its option none)" in r.stderr
+
+
 @pytest.mark.parametrize("arg, line", [
     ("xai=shapp", "xai=shapp is not an option of xai: did you mean shap?"),
     ("-m xai=lime,shapp,attnlrp", "xai=shapp is not an option of xai: did you mean shap?"),
     ("metrics=[srg,pointing_gme]", "metrics=pointing_gme is not an option of metrics: did you mean pointing_game?"),
     ("experiment=ofline_demo", "experiment=ofline_demo is not an option of experiment: did you mean offline_demo?"),
     ("+model=vit_tiny_shape", "model=vit_tiny_shape is not an option of model: did you mean vit_tiny_shapes?"),
+    ("xai=freemcg xai/denoiser=ddpm_shape", "xai/denoiser=ddpm_shape is not an option of xai/denoiser: did you mean "
+                                            "ddpm_shapes?"),
 ])
 def test_a_misspelt_option_gets_the_nearest_one(arg, line):
     r = run_harness(*arg.split())

@@ -28,7 +28,7 @@ from typing import Any
 
 from harness.types import HarnessError
 
-OVERRIDE = re.compile(r"^[+]{0,2}(?P<group>[a-z_][a-z0-9_]*)(?:@[^=]*)?=(?P<value>.*)$")
+OVERRIDE = re.compile(r"^[+]{0,2}(?P<group>[a-z_][a-z0-9_]*(?:/[a-z_][a-z0-9_]*)*)(?:@[^=]*)?=(?P<value>.*)$")
 KEY = re.compile(r"^(?P<key>[A-Za-z_][\w]*(?:\.[\w]+)+)=")
 # keys of an open mapping (constructor arguments such as model.kwargs): set without a `+`
 OPEN_KEY = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?:model_)?kwargs\.\w[\w.]*=")
@@ -77,11 +77,14 @@ def unknown_option(argv: list[str], conf_dir: Path, experiments_dir: Path) -> st
         if m is None:
             continue
         group, value = m["group"], m["value"].strip()
+        if group.startswith("hydra/"):  # Hydra's own groups: plugins add options conf/ does not list
+            continue
         folder = experiments_dir / "experiment" if group == "experiment" else conf_dir / group
         if not folder.is_dir() or any(c in value for c in "()$"):
             continue
         if value == "null":
-            return f"{group}=null: a config group is dropped with ~{group}, not set to null"
+            none = " (or its option none)" if (folder / "none.yaml").is_file() else ""
+            return f"{group}=null: a config group is dropped with ~{group}{none}, not set to null"
         valid = options(folder)
         for v in (x.strip() for x in value.strip("[]").split(",")):
             if v and v != "null" and v not in valid:
