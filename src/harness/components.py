@@ -101,12 +101,10 @@ def build_components(cfg: Any) -> Components:
     if len(data) == 0:
         raise HarnessError("the dataset yielded no images" +
                            (f" ({len(data.skipped)} skipped as unreadable)" if data.skipped else ""))
-    trained_on = getattr(getattr(explainer, "denoiser", None), "class_names", None)
-    if trained_on is not None and list(trained_on) != list(data.class_names):
-        raise HarnessError(f"xai.denoiser was trained on other data (classes {', '.join(trained_on)}) than the "
-                           f"images explained (classes {', '.join(data.class_names)}): its manifold is not theirs. "
-                           "Choose the denoiser of this data (xai/denoiser=ddpm_shapes | ddpm_cifar10 | diffusers "
-                           "with a model_path), or xai/denoiser=none for none")
+    if getattr(explainer, "denoiser", None) is not None:  # FreeMCG's manifold must be the data's
+        from harness.xai.freemcg import check_denoiser_data
+
+        check_denoiser_data(explainer.denoiser, data.class_names)
     model = build(cfg.model)
     if cfg.get("revise") is not None:  # reveal and revise: the corrected model (harness.revise)
         model = build(cfg.revise)(model)

@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from harness.models.stage import model_inputs
     from harness.utils import seeded
     from harness.xai.counterfactual import reconstruction_error, resolve_targets, scores
+    from harness.xai.freemcg import check_denoiser_data
 
     tracker = build(cfg.tracking)  # a bad store fails before anything is trained
     prompt = None if cfg.get("mllm") is None else build(cfg.prompt)
@@ -84,10 +85,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if not generators:
         raise HarnessError("generators is empty: name at least one (freemcg, gradient)")
     data = build(cfg.dataset)
-    if denoiser.class_names is not None and list(denoiser.class_names) != list(data.class_names):
-        raise HarnessError(f"the denoiser was trained on other data (classes {', '.join(denoiser.class_names)}) "
-                           f"than the images (classes {', '.join(data.class_names)}): choose the matching "
-                           "xai/denoiser@denoiser=...")
+    check_denoiser_data(denoiser, data.class_names, "xai/denoiser@denoiser")
     model = build(cfg.model)
     x = model_inputs(model, data).x
     with torch.no_grad():

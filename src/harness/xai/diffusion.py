@@ -132,16 +132,6 @@ def _train(unet, sched, x: torch.Tensor, cfg: dict[str, Any], device: str) -> di
     return {"train_seconds": time.perf_counter() - t0, "train_loss": float(ema), "max_timestep": float(t_hi - 1)}
 
 
-@torch.no_grad()
-def denoising_error(denoiser, x: torch.Tensor, sigma: float, seed: int = 0) -> float:
-    """Mean squared error (pixel units of ``[0, 1]`` images) of ``denoiser(x + sigma eps, sigma)``
-    against ``x``, over fixed noise draws; the noisy input itself scores about ``sigma^2``."""
-    g = torch.Generator().manual_seed(seed)
-    noisy = x + sigma * torch.randn(x.shape, generator=g)
-    out = torch.cat([denoiser(noisy[i : i + 256], sigma) for i in range(0, len(x), 256)])
-    return float((out - x).pow(2).mean())
-
-
 def _data_digest(x: torch.Tensor) -> str:
     return hashlib.sha256((x * 255).round().to(torch.uint8).numpy().tobytes()).hexdigest()[:12]
 
@@ -230,10 +220,15 @@ def ddpm_denoiser(
             sched.save_pretrained(str(folder / "scheduler"))
             val = images_tensor(_instantiate(val_data, "val_data"))
             learned = DiffusersDenoiser(str(folder), resize=resize, clip=clip, dtype=dtype)
+            from harness.xai.counterfactual import reconstruction_error
+
+            def denoising_error(den) -> float:  # mean squared error of the Tweedie estimate, pixel units
+                return float(reconstruction_error(den, val, eval_sigma, seed).mean())
+
             meta |= {"class_names": list(train.class_names), "n_train_images": float(len(x)), "n_val_images": float(len(val)), "eval_sigma": float(eval_sigma),
-                     "val_mse": denoising_error(learned, val, eval_sigma, seed),
-                     "val_mse_noisy": denoising_error(lambda z, s: z, val, eval_sigma, seed),
-                     "val_mse_wiener": denoising_error(WienerDenoiser(), val, eval_sigma, seed)}
+                     "val_mse": denoising_error(learned),
+                     "val_mse_noisy": denoising_error(lambda z, s: z),
+                     "val_mse_wiener": denoising_error(WienerDenoiser())}
             log.info("denoiser trained in %.0f s: held-out MSE at sigma %.2f %.5f (noisy input %.5f, Wiener prior %.5f)",
                      meta["train_seconds"], eval_sigma, meta["val_mse"], meta["val_mse_noisy"], meta["val_mse_wiener"])
             (folder / ".meta.tmp").write_text(json.dumps({**meta, "config": cfg}, indent=2))

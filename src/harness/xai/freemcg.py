@@ -239,6 +239,17 @@ def _accumulator(device: torch.device) -> torch.dtype:
 # -- denoisers ---------------------------------------------------------------------------------
 
 
+def check_denoiser_data(denoiser, class_names: list[str], option: str = "xai/denoiser") -> None:
+    """Refuse a denoiser trained on images of other classes than ``class_names``: its manifold is
+    not theirs. Denoisers that do not know their data (no ``class_names``) pass."""
+    trained_on = getattr(denoiser, "class_names", None)
+    if trained_on is not None and list(trained_on) != list(class_names):
+        raise HarnessError(f"the denoiser was trained on other data (classes {', '.join(trained_on)}) than the "
+                           f"images explained (classes {', '.join(class_names)}): its manifold is not theirs. "
+                           f"Choose the denoiser of this data ({option}=ddpm_shapes | ddpm_cifar10 | diffusers "
+                           f"with a model_path), or {option}=none for none")
+
+
 def no_denoiser() -> None:
     """``xai/denoiser=none``: no manifold projection (FreeMCG's plain Gaussian particles)."""
 
