@@ -29,8 +29,9 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(1)
     optimize = cfg.get("optimize")
     if multirun and cfg.get("resume", False) and not optimize:  # before any heavy import (harness.resume)
-        from harness.resume import finished_in_sweep, mark_skipped
+        from harness.resume import finished_in_sweep, mark_skipped, remember_job
 
+        remember_job(cfg, hc)  # a resumed sweep places this job without composing it
         if (run_id := finished_in_sweep(cfg, hc.sweep.dir)) is not None:
             print(f"harness: already finished as run {run_id}: skipped", file=sys.stderr)
             return mark_skipped(run_id, str(hc.runtime.output_dir))

@@ -342,7 +342,8 @@ class PrepareStore(Callback):
     """Hydra callback: before a sweep's jobs start, create the tracking store and experiment
     once, mark the runs whose process is gone KILLED and remove the temporary files killed jobs
     left (:mod:`harness.tracking.claims`, :mod:`harness.ownership`), and index the configs that
-    already finished (:mod:`harness.resume`).
+    already finished (:mod:`harness.resume`). A SQLite store nothing was committed to since the
+    last sweep's end is not opened: its answers were saved then (:mod:`harness.tracking.snapshot`).
 
     Parallel launchers (joblib) start several jobs at once; two processes creating a fresh
     SQLite store race ("table already exists"), so the sweep's parent process does it first.
@@ -353,13 +354,16 @@ class PrepareStore(Callback):
 
         from harness.ownership import remove_stale_temps
         from harness.resume import index_finished
+        from harness.tracking import snapshot
         from harness.tracking.claims import reap
 
         tracker = instantiate(config.tracking)
-        reap(tracker.client(), tracker.experiment_id(), tracker.stale_after_s)
+        saved = snapshot.load(tracker)  # the store's answers, when nothing was committed since the last sweep
+        if saved is None or saved["running"]:
+            reap(tracker.client(), tracker.experiment_id(), tracker.stale_after_s)
         store = Path(tracker.uri.removeprefix("sqlite:///")).parent if tracker.uri.startswith("sqlite:///") else None
         answers = config.language.get("cache_dir")
         remove_stale_temps(config.cache.get("dir"), answers and Path(answers) / "answers", tracker.store_templates)
         remove_stale_temps(store, tempfile.gettempdir(), recursive=False)
         if config.get("resume", False):
-            index_finished(tracker, config.hydra.sweep.dir)
+            index_finished(tracker, config.hydra.sweep.dir, saved and saved["finished"])

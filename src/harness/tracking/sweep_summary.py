@@ -16,6 +16,7 @@ import yaml
 
 from hydra.experimental.callback import Callback
 
+from harness.tracking import snapshot
 from harness.tracking.mlflow_tracker import run_summary
 
 STAGES = ("predict", "explain", "concepts", "metrics", "language", "artifacts")  # concepts: xai=crp only
@@ -140,10 +141,15 @@ class SweepSummary(Callback):
         jobs = {int(d.name): _overrides(d) for d in folders}
         before_launch = json.loads((sweep / "skipped_jobs.json").read_text()) if (sweep / "skipped_jobs.json").exists() else []
         tracker = instantiate(config.tracking)
-        client = tracker.client()
-        exp = client.get_experiment_by_name(tracker.experiment)
-        runs = [] if exp is None else client.search_runs(
-            [exp.experiment_id], filter_string=f"tags.sweep_id = '{config.hydra.sweep.dir}'", max_results=50000)
+        saved = None if folders else snapshot.load(tracker)  # no job launched, nothing committed: no need to ask
+        if saved is not None:
+            client, experiment_id, runs = None, saved["experiment_id"], []
+        else:
+            client = tracker.client()
+            exp = client.get_experiment_by_name(tracker.experiment)
+            experiment_id = exp and exp.experiment_id
+            runs = [] if exp is None else client.search_runs(
+                [exp.experiment_id], filter_string=f"tags.sweep_id = '{config.hydra.sweep.dir}'", max_results=50000)
         planned = json.loads((sweep / "sweep_jobs.json").read_text()).get("jobs") if (sweep / "sweep_jobs.json").exists() else None
         status = job_status(jobs, {int(d.name) for d in folders if (d / "skipped.json").exists()}, runs)
         s = summarise(runs, status, len(before_launch), planned and planned + len(before_launch))
@@ -152,32 +158,39 @@ class SweepSummary(Callback):
         skipped = [r for r in [j.get("finished_run") for j in before_launch] + [
             json.loads((d / "skipped.json").read_text()).get("finished_run")
             for d in folders if (d / "skipped.json").exists()] if r]
-        if exp is not None and (finished or skipped):
-            print(compare_link(client, tracker.uri, exp.experiment_id, str(config.hydra.sweep.dir), finished, skipped,
-                               next(iter(config.get("metrics") or {}), None)))
+        if experiment_id is not None and (finished or skipped):
+            print(compare_link(tracker, experiment_id, str(config.hydra.sweep.dir), finished, skipped,
+                               next(iter(config.get("metrics") or {}), None), saved and saved["views"]))
+        if saved is None:
+            snapshot.save(tracker)  # what the next sweep would ask, while nothing is committed
         if sweep.is_dir():
             (sweep / "sweep_summary.json").write_text(json.dumps(s, indent=1))
         if s["not_finished"] or s["not_started"]:
             raise SystemExit(1)  # the sweep ran every job; scripts and CI see that some did not finish
 
 
-def compare_link(client: Any, uri: str, experiment_id: str, sweep_id: str, runs: list[Any], skipped: list[str],
-                 first_score: str | None) -> str:
+def compare_link(tracker: Any, experiment_id: str, sweep_id: str, runs: list[Any], skipped: list[str],
+                 first_score: str | None, views: list[str] | None = None) -> str:
     """Publish the sweep's runs table (its finished ``runs`` and the earlier runs of its
     ``skipped`` jobs) as a shared view of the MLflow UI (:mod:`harness.tracking.ui`) and say
-    where to open it."""
+    where to open it; a view of the same runs among the experiment's ``views`` is not written
+    again."""
     from harness.tracking import ui
 
-    try:
-        sample = runs[:50] + (client.search_runs([experiment_id], ui.sweep_filter(sweep_id, skipped[:50]), max_results=50)
-                              if skipped else [])  # which columns: the options that vary, the scores (one query)
-        ids = [r.info.run_id for r in runs] + skipped
-        key, state = ui.sweep_view(sample, ui.sweep_filter(sweep_id, ids), first_score)
-        ui.publish_view(client, experiment_id, key, state)
-    except Exception as e:  # noqa: BLE001 - the sweep's result stands without its view
-        return f"compare in the MLflow UI: not available ({type(e).__name__}: {e})"
-    hint = ui.how_to_open(uri)
-    return f"compare in the MLflow UI{f' ({hint})' if hint else ''}: {ui.view_url(uri, experiment_id, key)}"
+    ids = [r.info.run_id for r in runs] + skipped
+    key = ui.view_key(ui.sweep_filter(sweep_id, ids))
+    if key not in (views or ()):
+        try:
+            client = tracker.client()
+            sample = runs[:50] + (client.search_runs([experiment_id], ui.sweep_filter(sweep_id, skipped[:50]),
+                                                     max_results=50)
+                                  if skipped else [])  # which columns: the options that vary, the scores (one query)
+            key, state = ui.sweep_view(sample, ui.sweep_filter(sweep_id, ids), first_score)
+            ui.publish_view(client, experiment_id, key, state)
+        except Exception as e:  # noqa: BLE001 - the sweep's result stands without its view
+            return f"compare in the MLflow UI: not available ({type(e).__name__}: {e})"
+    hint = ui.how_to_open(tracker.uri)
+    return f"compare in the MLflow UI{f' ({hint})' if hint else ''}: {ui.view_url(tracker.uri, experiment_id, key)}"
 
 
 def _overrides(job_dir: Path) -> list[str]:

@@ -30,7 +30,7 @@ def sweep_filter(sweep_id: str, run_ids: list[str], max_len: int = 4000) -> str:
     """The search filter that lists a sweep's runs: by run id (a resumed sweep's skipped jobs
     have their runs in an earlier sweep), or by the ``sweep_id`` tag where the ids would make
     the filter longer than ``max_len`` (MLflow keeps 5000 characters of an experiment tag)."""
-    by_id = "attributes.run_id IN (" + ", ".join(f"'{r}'" for r in run_ids) + ")"
+    by_id = "attributes.run_id IN (" + ", ".join(f"'{r}'" for r in sorted(run_ids)) + ")"  # a set: one key
     return by_id if run_ids and len(by_id) <= max_len else f"tags.sweep_id = '{sweep_id}'"
 
 
@@ -55,7 +55,12 @@ def sweep_view(runs: list[Any], search_filter: str, first_score: str | None = No
     state: dict[str, Any] = {"selectedColumns": columns, "columnOrder": columns, "searchFilter": search_filter}
     if scores:
         state |= {"orderByKey": _col("metrics", scores[0]), "orderByAsc": not direction[scores[0]]}
-    return "harness-" + hashlib.sha256(search_filter.encode()).hexdigest()[:12], state
+    return view_key(search_filter), state
+
+
+def view_key(search_filter: str) -> str:
+    """The shared view's key: one per set of rows (the same runs, the same view)."""
+    return "harness-" + hashlib.sha256(search_filter.encode()).hexdigest()[:12]
 
 
 def publish_view(client: Any, experiment_id: str, key: str, state: dict[str, Any]) -> None:

@@ -7,8 +7,9 @@ the sweep before any job runs, with Hydra's own message, and whatever only a com
 values breaks is reported when the launcher composes that job.
 
 Resume: when the store already holds finished configs (``finished_configs.json``, written as the
-sweep starts, see :mod:`harness.resume`) and ``resume`` is on, each job is composed here and
-those whose resolved config finished are left out of the batch: the launcher never starts them
+sweep starts, see :mod:`harness.resume`) and ``resume`` is on, each job's config is composed
+here (or recalled: a job composed before from the same files is not composed again,
+:class:`harness.resume.JobConfigs`) and those whose resolved config finished are left out of the batch: the launcher never starts them
 (no job folder, no logging set-up, no process). They are listed in ``skipped_jobs.json`` for the
 sweep summary. A job this check cannot place (its config reads the job's own runtime values)
 is launched and finds its finished run itself. Everything else (grids,
@@ -52,26 +53,21 @@ class HarnessSweeper(BasicSweeper):
             return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        """Compose the covering jobs (Hydra's check) and check their values
+        """Compose the covering jobs (Hydra's check; a job composed before with the same files
+        is recalled, :class:`harness.resume.JobConfigs`) and check their values
         (:func:`harness.validate.check`): a mistake stops the sweep before any job, in one line."""
-        from omegaconf import open_dict, read_write
+        from hydra.core.hydra_config import HydraConfig
 
         from harness import CONF_DIR
         from harness.types import HarnessError
         from harness.validate import check
 
-        from hydra.core.hydra_config import HydraConfig
-
-        assert self.config is not None and self.hydra_context is not None
         hc = HydraConfig.instance()
         parent = hc.cfg
         try:
             for overrides in covering_jobs(batch):
-                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-                choices = {g: str(o) for g, o in cfg.hydra.runtime.choices.items() if o is not None}
-                hc.set_config(cfg)  # the job's ${hydra:...} values resolve as in the job
-                with read_write(cfg), open_dict(cfg):
-                    del cfg["hydra"]
+                cfg = self.job_configs().task_config(overrides)  # the job's ${hydra:...} values resolve as in the job
+                choices = {g: str(o) for g, o in HydraConfig.get().runtime.choices.items() if o is not None}
                 try:
                     check(cfg, list(overrides), choices, CONF_DIR)
                 except HarnessError as e:
@@ -79,6 +75,15 @@ class HarnessSweeper(BasicSweeper):
                     raise SystemExit(1) from None
         finally:
             hc.cfg = parent
+
+    def job_configs(self) -> Any:
+        """The sweep's :class:`harness.resume.JobConfigs` (made once)."""
+        if getattr(self, "_job_configs", None) is None:
+            from harness.resume import JobConfigs
+
+            assert self.config is not None and self.hydra_context is not None
+            self._job_configs = JobConfigs(self.hydra_context.config_loader, self.config)
+        return self._job_configs
 
     def get_job_batch(self) -> Sequence[Sequence[str]]:
         from harness.secrets import override_secrets, redact_files
@@ -94,7 +99,6 @@ class HarnessSweeper(BasicSweeper):
         if not index:
             return batch
         from hydra.core.hydra_config import HydraConfig
-        from omegaconf import open_dict, read_write
 
         from harness.resume import config_hash
 
@@ -103,13 +107,10 @@ class HarnessSweeper(BasicSweeper):
         parent = hc.cfg
         try:
             for overrides in batch:
-                cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+                cfg = self.job_configs().task_config(overrides)
                 if not cfg.get("resume", False):
                     keep.append(overrides)
                     continue
-                hc.set_config(cfg)
-                with read_write(cfg), open_dict(cfg):
-                    del cfg["hydra"]
                 try:
                     run_id = index.get(config_hash(cfg))
                 except Exception:  # noqa: BLE001 - an interpolation only the job can resolve: let it decide
