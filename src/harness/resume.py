@@ -189,7 +189,10 @@ def remember_job(task_cfg: Any, hydra: Any) -> None:
         folder = memo_folder(task_cfg.paths.cache_dir)
     except Exception:  # noqa: BLE001 - no paths.cache_dir: no memo
         return
-    key = memo_key(hydra.job.config_name, list(hydra.overrides.task), sources_digest(hydra.runtime.config_sources))
+    try:
+        key = memo_key(hydra.job.config_name, list(hydra.overrides.task), sources_digest(hydra.runtime.config_sources))
+    except OSError:  # a config file that cannot be read: the job's own compose decides
+        return
     remember(folder, key, task_cfg, hydra.runtime.choices)
 
 
@@ -203,11 +206,11 @@ class JobConfigs:
     def __init__(self, loader: Any, master: Any) -> None:
         self.loader, self.master = loader, master
         self.name = master.hydra.job.config_name
-        self.digest = sources_digest(master.hydra.runtime.config_sources)
         try:
+            self.digest = sources_digest(master.hydra.runtime.config_sources)
             self.folder = memo_folder(master.paths.cache_dir)
-        except Exception:  # noqa: BLE001 - a config without paths.cache_dir: no memo
-            self.folder = None
+        except Exception:  # noqa: BLE001 - an unreadable config file, no paths.cache_dir: no memo
+            self.digest, self.folder = "", None
         self.composed = self.recalled = 0
         self._node: Any = None
 
