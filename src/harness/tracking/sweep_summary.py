@@ -143,7 +143,7 @@ class SweepSummary(Callback):
         tracker = instantiate(config.tracking)
         saved = None if folders else snapshot.load(tracker)  # no job launched, nothing committed: no need to ask
         if saved is not None:
-            client, experiment_id, runs = None, saved["experiment_id"], []
+            experiment_id, runs = saved["experiment_id"], []
         else:
             client = tracker.client()
             exp = client.get_experiment_by_name(tracker.experiment)
